@@ -1,0 +1,1 @@
+"""The edges of moderation-worker: Faust/Kafka transport, codecs, brokers and model sources."""

@@ -1,0 +1,186 @@
+"""Comment, verdict and dead-letter types, and the validation that turns raw bytes into a comment.
+
+The stream worker, the `score` command and the demo all speak these types, so a verdict means
+the same thing wherever it is produced. Nothing here knows about Kafka: a `SourcePosition` is
+just three values that an adapter fills in.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+# Machine-readable reasons a raw event cannot be scored. Dead letters carry one of these.
+NOT_UTF8 = "not_utf8"
+INVALID_JSON = "invalid_json"
+NOT_AN_OBJECT = "not_an_object"
+MISSING_ID = "missing_id"
+BAD_ID = "bad_id"
+MISSING_TEXT = "missing_text"
+BAD_TEXT = "bad_text"
+EMPTY_TEXT = "empty_text"
+TEXT_TOO_LONG = "text_too_long"
+SCORING_FAILED = "scoring_failed"
+
+REASONS = (
+    NOT_UTF8,
+    INVALID_JSON,
+    NOT_AN_OBJECT,
+    MISSING_ID,
+    BAD_ID,
+    MISSING_TEXT,
+    BAD_TEXT,
+    EMPTY_TEXT,
+    TEXT_TOO_LONG,
+    SCORING_FAILED,
+)
+
+DEFAULT_MAX_TEXT_CHARS = 20_000
+
+
+class InvalidEvent(ValueError):
+    """A raw event that cannot become a `Comment`; `reason` is one of `REASONS`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SourcePosition:
+    """Where an event came from, so a verdict or dead letter can be traced back to it."""
+
+    topic: str
+    partition: int
+    offset: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
+
+
+@dataclass(frozen=True)
+class Comment:
+    """A comment to score. `meta` holds every other field of the input event, untouched."""
+
+    id: str
+    text: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model produced a verdict: the base model and the hash of the LoRA weights file."""
+
+    base_model: str
+    lora_sha256: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base_model": self.base_model, "lora_sha256": self.lora_sha256}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One decision about one comment. `p_hateful` is the softmax probability of the positive label."""
+
+    id: str
+    p_hateful: float
+    hateful: bool
+    label: str
+    threshold: float
+    model: ModelIdentity
+    scored_at: str
+    source: SourcePosition | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "p_hateful": self.p_hateful,
+            "hateful": self.hateful,
+            "label": self.label,
+            "threshold": self.threshold,
+            "model": self.model.to_dict(),
+            "scored_at": self.scored_at,
+        }
+        if self.source is not None:
+            out["source"] = self.source.to_dict()
+        if self.meta:
+            out["meta"] = self.meta
+        return out
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """An input that produced no verdict, with enough context to replay or debug it."""
+
+    reason: str
+    error: str
+    original: bytes
+    source: SourcePosition | None = None
+    id: str | None = None
+    failed_at: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "reason": self.reason,
+            "error": self.error,
+            "original_b64": base64.b64encode(self.original).decode("ascii"),
+            "failed_at": self.failed_at or utc_now(),
+        }
+        if self.id is not None:
+            out["id"] = self.id
+        if self.source is not None:
+            out["source"] = self.source.to_dict()
+        return out
+
+
+def utc_now() -> str:
+    """ISO-8601 UTC timestamp with milliseconds, the format of `scored_at`."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def parse_comment(raw: bytes | str, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) -> Comment:
+    """Validate one raw event and return the comment it carries.
+
+    Raises `InvalidEvent` with a machine-readable reason for every way an event can be wrong,
+    so callers route it to a dead-letter topic instead of crashing or dropping it.
+    """
+    if isinstance(raw, bytes):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidEvent(NOT_UTF8, f"event is not valid UTF-8: {exc}") from None
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEvent(INVALID_JSON, f"event is not valid JSON: {exc}") from None
+    return comment_from_object(obj, max_text_chars)
+
+
+def comment_from_object(obj: Any, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) -> Comment:
+    """Validate an already-decoded event (a JSON object with string `id` and `text`)."""
+    if not isinstance(obj, dict):
+        raise InvalidEvent(NOT_AN_OBJECT, f"event must be a JSON object, got {type(obj).__name__}")
+    if "id" not in obj:
+        raise InvalidEvent(MISSING_ID, "event has no 'id' field")
+    event_id = obj["id"]
+    if not isinstance(event_id, str) or not event_id:
+        raise InvalidEvent(BAD_ID, f"'id' must be a non-empty string, got {event_id!r:.80}")
+    if "text" not in obj:
+        raise InvalidEvent(MISSING_TEXT, f"event {event_id!r:.80} has no 'text' field")
+    text = obj["text"]
+    if not isinstance(text, str):
+        raise InvalidEvent(BAD_TEXT, f"'text' must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise InvalidEvent(EMPTY_TEXT, f"event {event_id!r:.80} has empty text")
+    if len(text) > max_text_chars:
+        raise InvalidEvent(
+            TEXT_TOO_LONG,
+            f"event {event_id!r:.80} text has {len(text)} characters, limit is {max_text_chars}",
+        )
+    meta = {k: v for k, v in obj.items() if k not in ("id", "text")}
+    return Comment(id=event_id, text=text, meta=meta)

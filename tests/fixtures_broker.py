@@ -1,0 +1,1 @@
+"""Fixtures for Kafka-protocol brokers (filled in by the worker tests)."""

@@ -1,0 +1,1 @@
+"""Fixtures for models: the tiny random-weight Gemma and its tokenizer."""
