@@ -62,6 +62,7 @@ def tiny_tokenizer_proto(vocab_size: int = 600, seed: int = 0) -> bytes:
         unk_id=3,
         user_defined_symbols=list(TINY_LABEL_WORDS) + ["<separator>"],
         add_dummy_prefix=False,
+        normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         minloglevel=2,
     )

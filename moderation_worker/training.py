@@ -66,7 +66,7 @@ class TrainingResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class LabelledPromptBatches(keras.utils.PyDataset):
+class LabelledPromptBatches:
     """Shuffled batches of encoded prompts with the label target, length-bucketed.
 
     Yields `(inputs, targets, sample_weights)`; a new shuffle every epoch from a fixed seed.
@@ -83,7 +83,6 @@ class LabelledPromptBatches(keras.utils.PyDataset):
         bucket: int,
         seed: int,
     ) -> None:
-        super().__init__()
         self.prompts = prompts
         self.targets = targets
         self.weights = weights
@@ -132,13 +131,12 @@ def train_lora(
     labels: np.ndarray,
     config: TrainingConfig = TrainingConfig(),
     verbose: int | str = 1,
-    callbacks: Sequence[keras.callbacks.Callback] = (),
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainingResult:
     """Enable LoRA on `backbone` and fit it so the label token follows each prompt.
 
-    `labels` holds label indices into `encoder.settings.labels`. `verbose=1` shows Keras's
-    progress bar. The seed fixes LoRA initialisation, shuffling and dropout.
+    `labels` holds label indices into `encoder.settings.labels`. `verbose=1` shows a Keras
+    progress bar per epoch; each batch shape compiles once (at most 128/bucket shapes). The seed fixes LoRA initialisation, shuffling and dropout.
     """
     labels = np.asarray(labels, dtype=np.int64)
     n_labels = len(encoder.settings.labels)
@@ -178,14 +176,31 @@ def train_lora(
         config.length_bucket,
         config.seed,
     )
-    all_callbacks = list(callbacks)
-    if on_epoch is not None:
-        all_callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=on_epoch))
+    history: dict[str, list[float]] = {}
     start = time.perf_counter()
-    history = model.fit(batches, epochs=config.epochs, verbose=verbose, callbacks=all_callbacks)
+    for epoch in range(config.epochs):
+        bar = keras.utils.Progbar(
+            len(batches), verbose=verbose, stateful_metrics=["loss", "accuracy"]
+        )
+        if verbose:
+            print(f"Epoch {epoch + 1}/{config.epochs}", flush=True)
+        model.reset_metrics()
+        logs: dict[str, float] = {}
+        for step in range(len(batches)):
+            inputs, y, weights = batches[step]
+            # Keras metrics are running means since reset_metrics(): the last logs of an
+            # epoch are that epoch's means.
+            logs = model.train_on_batch(inputs, y, sample_weight=weights, return_dict=True)
+            bar.update(step + 1, values=[(k, float(v)) for k, v in logs.items()])
+        means = {k: float(v) for k, v in logs.items()}
+        for key, value in means.items():
+            history.setdefault(key, []).append(value)
+        batches.on_epoch_end()
+        if on_epoch is not None:
+            on_epoch(epoch, means)
     seconds = time.perf_counter() - start
     return TrainingResult(
-        history={k: [float(x) for x in v] for k, v in history.history.items()},
+        history=history,
         seconds=seconds,
         trainable_parameters=trainable,
         steps=len(batches) * config.epochs,

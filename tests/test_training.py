@@ -1,0 +1,109 @@
+"""LoRA training on the tiny model: it learns, saves kilobytes, and reloads to the same numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from adapters.model_sources import build_tiny_model
+from moderation_worker.classifier import AgileClassifier
+from moderation_worker.lora import LoraMetadata, lora_paths, read_lora_metadata, save_lora
+from moderation_worker.prompts import PromptEncoder, PromptSettings
+from moderation_worker.training import LabelledPromptBatches, TrainingConfig, class_weights, train_lora
+
+KIND = ["you are lovely and kind", "thanks friend, great video", "nice song today"]
+MEAN = ["i hate you awful stupid people", "everyone here is terrible", "go away angry idiots"]
+TEXTS = (KIND + MEAN) * 4
+LABELS = np.array(([0] * 3 + [1] * 3) * 4)
+
+
+def fit_tiny(tmp_path, loss="labels", epochs=6, seed=7):
+    model = build_tiny_model(seed=0)
+    encoder = PromptEncoder(model.tokenizer, PromptSettings())
+    config = TrainingConfig(epochs=epochs, batch_size=4, learning_rate=1e-2, loss=loss, seed=seed)
+    result = train_lora(model.backbone, encoder, TEXTS, LABELS, config, verbose=0)
+    path = save_lora(
+        model.backbone,
+        tmp_path / "tiny",
+        LoraMetadata(model.name, encoder.settings, config.rank, threshold=0.4, data_sha256="abc"),
+    )
+    return model, result, path
+
+
+@pytest.mark.parametrize("loss, margin", [("labels", 0.2), ("vocab", 0.05)])
+def test_training_lowers_the_loss_and_separates_classes(tmp_path, loss, margin) -> None:
+    model, result, _ = fit_tiny(tmp_path, loss=loss)
+    losses = result.history["loss"]
+    assert losses[-1] < losses[0] - 0.3
+    assert result.trainable_parameters > 0 and result.steps == 6 * 6
+    clf = AgileClassifier(model, batch_size=4)
+    p = clf.p_positive(KIND + MEAN)
+    # the vocab loss spreads its push over 600 tokens, so it separates the labels more slowly
+    assert p[3:].mean() > p[:3].mean() + margin
+
+
+def test_saved_lora_reloads_onto_a_fresh_base_with_identical_probabilities(tmp_path) -> None:
+    model, _, path = fit_tiny(tmp_path, epochs=2)
+    trained = AgileClassifier(model, batch_size=4).predict_proba(TEXTS)
+    weights, meta = lora_paths(path)
+    assert weights.stat().st_size < 200_000 and meta.is_file()  # kilobytes, not a base model
+
+    reloaded = AgileClassifier(build_tiny_model(seed=0), lora_weights=path, batch_size=4)
+    np.testing.assert_allclose(reloaded.predict_proba(TEXTS), trained, atol=1e-6)
+    assert reloaded.threshold == 0.4  # calibrated threshold travels with the weights
+    assert reloaded.identity.lora_sha256 and len(reloaded.identity.lora_sha256) == 64
+    zero_shot = AgileClassifier(build_tiny_model(seed=0), batch_size=4).predict_proba(TEXTS)
+    assert not np.allclose(zero_shot, trained, atol=1e-3)
+
+
+def test_same_seed_same_weights(tmp_path) -> None:
+    m1, _, _ = fit_tiny(tmp_path / "a", epochs=1)
+    m2, _, _ = fit_tiny(tmp_path / "b", epochs=1)
+    p1 = AgileClassifier(m1, batch_size=4).predict_proba(TEXTS[:6])
+    p2 = AgileClassifier(m2, batch_size=4).predict_proba(TEXTS[:6])
+    np.testing.assert_allclose(p1, p2, atol=1e-6)
+
+
+def test_lora_for_another_base_model_is_refused(tmp_path) -> None:
+    _, _, path = fit_tiny(tmp_path, epochs=1)
+    other = build_tiny_model(seed=0)
+    other.name = "some-other-model"
+    with pytest.raises(ValueError, match="trained on"):
+        AgileClassifier(other, lora_weights=path)
+
+
+def test_missing_metadata_is_a_clear_error(tmp_path) -> None:
+    _, _, path = fit_tiny(tmp_path, epochs=1)
+    lora_paths(path)[1].unlink()
+    with pytest.raises(FileNotFoundError, match="metadata"):
+        read_lora_metadata(path)
+
+
+def test_length_buckets_are_exact_for_the_label_position(tiny_model) -> None:
+    """Padding to 48 instead of 128 tokens must not change the label-position logits."""
+    from moderation_worker.scoring import LabelTokenModel
+
+    encoder = PromptEncoder(tiny_model.tokenizer, PromptSettings())
+    prompts = [encoder.encode_ids(t)[0] for t in TEXTS[:4]]
+    bucketed = LabelledPromptBatches(prompts, np.zeros(4), np.ones(4), 4, 0, 128, 16, 0)
+    inputs, _, _ = bucketed[0]
+    assert inputs["token_ids"].shape[1] < 128
+    model = LabelTokenModel(tiny_model.backbone, encoder.label_ids)
+    short = np.asarray(model(inputs))
+    order = bucketed.order[:4]
+    full = np.asarray(model(encoder.encode([TEXTS[i] for i in order]).as_inputs()))
+    np.testing.assert_allclose(short, full, atol=1e-5)
+
+
+def test_class_weights_balance() -> None:
+    w = class_weights(np.array([0, 0, 0, 1]), balance=True)
+    assert w[3] == pytest.approx(3 * w[0]) and w.mean() == pytest.approx(1.0)
+    assert (class_weights(np.array([0, 1]), balance=False) == 1).all()
+
+
+def test_bad_training_input(tiny_model) -> None:
+    encoder = PromptEncoder(tiny_model.tokenizer, PromptSettings())
+    with pytest.raises(ValueError, match="labels must be indices"):
+        train_lora(tiny_model.backbone, encoder, ["a"], np.array([2]), verbose=0)
+    with pytest.raises(ValueError, match="no training examples"):
+        train_lora(tiny_model.backbone, encoder, [], np.array([], dtype=int), verbose=0)
