@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import io
 import random
+import sys
 from functools import lru_cache
+from pathlib import Path
 
 import keras
 
-from moderation_worker.classifier import LoadedModel
+from moderation_worker.classifier import AgileClassifier, LoadedModel
 from moderation_worker.prompts import DEFAULT_LABELS
 from moderation_worker.tokenizer import SentencePieceTokenizer
 
@@ -47,7 +49,11 @@ def tiny_tokenizer_proto(vocab_size: int = 600, seed: int = 0) -> bytes:
     lines = [
         " ".join(rng.choice(_TINY_WORDS) for _ in range(rng.randint(4, 14))) for _ in range(3000)
     ]
-    lines += ["Classify the following text into one of the following classes", "Text:", "Prediction:"]
+    lines += [
+        "Classify the following text into one of the following classes",
+        "Text:",
+        "Prediction:",
+    ]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines),
@@ -136,4 +142,54 @@ def load_model_source(spec: str, dtype: str | None = None) -> LoadedModel:
     raise ValueError(
         f"unknown model source {spec!r}: use gemma3-270m, preset:NAME (e.g. "
         f"preset:{DEFAULT_PRESET}), kaggle://..., or tiny"
+    )
+
+
+SHIPPED_LORA = {
+    "gemma3-270m": Path(__file__).resolve().parent.parent
+    / "moderation_worker"
+    / "assets"
+    / "lora"
+    / "gemma3-270m-ethos.lora.h5",
+}
+
+
+def shipped_lora(spec: str) -> Path | None:
+    """The LoRA weights shipped in the package for a model source, if any."""
+    path = SHIPPED_LORA.get(spec.strip())
+    return path if path is not None and path.is_file() else None
+
+
+def resolve_lora(spec: str, lora_weights: str | Path | None) -> Path | None:
+    """`default` -> the shipped weights for this model (or none), `none` -> zero-shot."""
+    if lora_weights is None or str(lora_weights).lower() in ("none", ""):
+        return None
+    if str(lora_weights) == "default":
+        path = shipped_lora(spec)
+        if path is None:
+            print(
+                f"moderation-worker: no shipped LoRA weights for model {spec!r}; "
+                "scoring ZERO-SHOT (train your own with `moderation-worker train`)",
+                file=sys.stderr,
+            )
+        return path
+    return Path(lora_weights)
+
+
+def build_classifier(
+    model: str = "gemma3-270m",
+    lora_weights: str | Path | None = "default",
+    threshold: float | None = None,
+    batch_size: int = 8,
+    prompt=None,
+    dtype: str | None = None,
+) -> AgileClassifier:
+    """Model source + LoRA weights + threshold -> a ready classifier (what the CLI and worker run)."""
+    base = load_model_source(model, dtype)
+    return AgileClassifier(
+        base,
+        prompt=prompt,
+        lora_weights=resolve_lora(model, lora_weights),
+        threshold=threshold,
+        batch_size=batch_size,
     )

@@ -7,6 +7,7 @@ outputs are dropped.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,18 +85,26 @@ class AgileClassifier:
     def positive_label(self) -> str:
         return self.prompt.positive_label
 
-    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
-        """Label probabilities, float32 `[len(texts), len(labels)]`, rows summing to 1."""
+    def predict_proba(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        """Label probabilities, float32 `[len(texts), len(labels)]`, rows summing to 1.
+
+        `progress=True` shows a bar on stderr, for evaluations that take minutes on a CPU.
+        """
         out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
-        for start in range(0, len(texts), self.batch_size):
+        starts = range(0, len(texts), self.batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc="scoring", unit="batch", file=sys.stderr)
+        for start in starts:
             chunk = texts[start : start + self.batch_size]
             batch = self.encoder.encode(chunk, batch_size=self.batch_size)
             out[start : start + len(chunk)] = self.scorer.probabilities(batch)[: len(chunk)]
         return out
 
-    def p_positive(self, texts: Sequence[str]) -> np.ndarray:
+    def p_positive(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         """p(positive label) per text: the score thresholds and ROC curves work on."""
-        return self.predict_proba(texts)[:, self.prompt.positive_index]
+        return self.predict_proba(texts, progress)[:, self.prompt.positive_index]
 
     def predict(self, texts: Sequence[str]) -> np.ndarray:
         """Boolean decisions: p(positive label) >= threshold."""

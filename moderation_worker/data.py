@@ -93,7 +93,9 @@ def load_ethos(path_or_url: str | Path = ETHOS_URL) -> LabelledTexts:
         try:
             scores.append(float(row[1]))
         except ValueError:
-            raise DataError(f"{path_or_url} row {row_no}: isHate {row[1]!r} is not a number") from None
+            raise DataError(
+                f"{path_or_url} row {row_no}: isHate {row[1]!r} is not a number"
+            ) from None
         texts.append(row[0])
     score = np.asarray(scores)
     labels = (score >= np.median(score)).astype(np.int64)
@@ -203,7 +205,9 @@ def load_labelled_file(
     return tuple(texts), (np.asarray(labels, dtype=np.int64) if labels else None), tuple(ids)
 
 
-def load_labelled(path: str | Path, text_field: str = "text", label_field: str = "label") -> LabelledTexts:
+def load_labelled(
+    path: str | Path, text_field: str = "text", label_field: str = "label"
+) -> LabelledTexts:
     """A labelled CSV/JSONL as `LabelledTexts`; every row must have a label."""
     texts, labels, _ = load_labelled_file(path, text_field, label_field)
     if labels is None:
@@ -213,13 +217,18 @@ def load_labelled(path: str | Path, text_field: str = "text", label_field: str =
 
 
 def stratified_split(
-    data: LabelledTexts, validation_fraction: float = 0.125, test_fraction: float = 0.2, seed: int = 0
+    data: LabelledTexts,
+    validation_fraction: float = 0.125,
+    test_fraction: float = 0.2,
+    seed: int = 0,
 ) -> Splits:
     """Train/validation/test for users' own data, stratified by label, reproducible by seed."""
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(data))
-    rest, test = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=data.labels)
+    rest, test = train_test_split(
+        idx, test_size=test_fraction, random_state=seed, stratify=data.labels
+    )
     val_share = validation_fraction / (1 - test_fraction)
     train, val = train_test_split(
         rest, test_size=val_share, random_state=seed, stratify=data.labels[rest]
@@ -227,9 +236,7 @@ def stratified_split(
     return Splits(data.take(train), data.take(val), data.take(test))
 
 
-def load_splits(
-    source: str | Path, validation_rows: int = 100, seed: int = 0
-) -> Splits:
+def load_splits(source: str | Path, validation_rows: int = 100, seed: int = 0) -> Splits:
     """ETHOS (`ethos`, `ethos:PATH` or a file named like ETHOS) or a user's labelled file."""
     text = str(source)
     if text == "ethos":

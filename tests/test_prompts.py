@@ -74,7 +74,9 @@ def test_padding_rows_are_well_formed(encoder) -> None:
 
 
 def test_label_that_is_not_one_token_fails_when_built(tiny_model) -> None:
-    settings = PromptSettings(labels=("Safe", "definitely-hateful"), positive_label="definitely-hateful")
+    settings = PromptSettings(
+        labels=("Safe", "definitely-hateful"), positive_label="definitely-hateful"
+    )
     with pytest.raises(ValueError, match="not a single token"):
         PromptEncoder(tiny_model.tokenizer, settings)
 

@@ -9,7 +9,12 @@ from adapters.model_sources import build_tiny_model
 from moderation_worker.classifier import AgileClassifier
 from moderation_worker.lora import LoraMetadata, lora_paths, read_lora_metadata, save_lora
 from moderation_worker.prompts import PromptEncoder, PromptSettings
-from moderation_worker.training import LabelledPromptBatches, TrainingConfig, class_weights, train_lora
+from moderation_worker.training import (
+    LabelledPromptBatches,
+    TrainingConfig,
+    class_weights,
+    train_lora,
+)
 
 KIND = ["you are lovely and kind", "thanks friend, great video", "nice song today"]
 MEAN = ["i hate you awful stupid people", "everyone here is terrible", "go away angry idiots"]

@@ -1,0 +1,391 @@
+"""`moderation-worker` command line: train, calibrate, evaluate, score, worker, config, demo, bench.
+
+This is the composition root: the only core module that reaches into `adapters/` (to load
+model sources and run the Faust worker), so the rest of the core stays free of the edges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import orjson  # noqa: E402
+
+from .settings import DEFAULT_MODEL, SettingsError, load_settings  # noqa: E402
+
+
+def _add_model_args(p: argparse.ArgumentParser, lora_default: str | None = "default") -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="gemma3-270m | preset:NAME | tiny")
+    p.add_argument(
+        "--lora",
+        default=lora_default,
+        help="LoRA weights (.lora.h5), 'default' (shipped for the model) or 'none' (zero-shot)",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="rows per model call")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        required=True,
+        help="'ethos' (public URL), 'ethos:PATH', or a CSV/JSONL file with text,label columns",
+    )
+    p.add_argument("--validation-rows", type=int, default=100, help="ETHOS: validation rows")
+    p.add_argument("--seed", type=int, default=1234)
+
+
+def _prompt_from_args(args: argparse.Namespace):
+    from .prompts import DEFAULT_INSTRUCTIONS, DEFAULT_SEPARATOR, PromptSettings
+
+    labels = tuple(s.strip() for s in (args.labels or "Safe,Hateful").split(","))
+    return PromptSettings(
+        labels=labels,
+        positive_label=args.positive_label or labels[-1],
+        instructions=args.instructions or DEFAULT_INSTRUCTIONS,
+        separator=(args.separator or DEFAULT_SEPARATOR).encode().decode("unicode_escape"),
+        sequence_length=args.sequence_length,
+    )
+
+
+def _classifier(args: argparse.Namespace, prompt=None, threshold: float | None = None):
+    from adapters.model_sources import build_classifier
+
+    return build_classifier(
+        args.model, args.lora, threshold=threshold, batch_size=args.batch_size, prompt=prompt
+    )
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(
+        orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode()
+    )
+    sys.stdout.write("\n")
+
+
+# --------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    from adapters.model_sources import load_model_source
+
+    from .classifier import AgileClassifier
+    from .data import load_splits
+    from .evaluation import evaluate
+    from .lora import LoraMetadata, lora_paths, save_lora
+    from .prompts import PromptEncoder
+    from .thresholds import choose_threshold
+    from .training import TrainingConfig, train_lora
+
+    splits = load_splits(args.data, args.validation_rows, args.seed)
+    train = (
+        splits.train if args.train_rows is None else splits.train.take(slice(0, args.train_rows))
+    )
+    print(
+        f"data: {len(train)} train / {len(splits.validation)} validation / {len(splits.test)} "
+        f"test rows from {args.data} (sha256 {(train.sha256 or '')[:12]})",
+        file=sys.stderr,
+    )
+    prompt = _prompt_from_args(args)
+    base = load_model_source(args.model)
+    encoder = PromptEncoder(base.tokenizer, prompt)
+    config = TrainingConfig(
+        rank=args.rank,
+        learning_rate=args.learning_rate,
+        batch_size=args.train_batch_size,
+        epochs=args.epochs,
+        seed=args.seed,
+        loss=args.loss,
+        balance_classes=args.balance,
+        target_layers=tuple(args.target_layers.split(",")),
+    )
+    labels = np.where(train.labels == 1, prompt.positive_index, 1 - prompt.positive_index)
+    if len(prompt.labels) != 2:
+        raise SystemExit("train: the ETHOS/CSV loaders give binary labels; use exactly two labels")
+    result = train_lora(base.backbone, encoder, train.texts, labels, config)
+    print(
+        f"trained in {result.seconds:.0f}s, {result.trainable_parameters} LoRA parameters",
+        file=sys.stderr,
+    )
+
+    clf = AgileClassifier(base, prompt=prompt, batch_size=args.batch_size)
+    metrics: dict[str, Any] = {"train_history": result.history}
+    threshold, policy = 0.5, None
+    if len(splits.validation) and len(set(splits.validation.labels.tolist())) == 2:
+        p_val = clf.p_positive(splits.validation.texts, progress=True)
+        choice = choose_threshold(splits.validation.labels, p_val, args.policy)
+        threshold, policy = choice.threshold, choice.policy
+        metrics["validation"] = evaluate(splits.validation.labels, p_val, threshold)
+        metrics["validation"].pop("roc_curve", None)
+    metadata = LoraMetadata(
+        base_model=base.name,
+        prompt=prompt,
+        rank=config.rank,
+        target_layers=config.target_layers,
+        threshold=threshold,
+        threshold_policy=policy,
+        data_sha256=train.sha256,
+        training={
+            **config.to_dict(),
+            "train_rows": len(train),
+            "validation_rows": len(splits.validation),
+            "data": str(args.data),
+            "seconds": round(result.seconds, 1),
+            "trainable_parameters": result.trainable_parameters,
+        },
+        metrics=metrics,
+    )
+    weights = save_lora(base.backbone, args.out, metadata)
+    print(f"wrote {weights} and {lora_paths(weights)[1]}", file=sys.stderr)
+    _print_json(
+        {
+            "lora_weights": str(weights),
+            "threshold": threshold,
+            "policy": policy,
+            "validation": metrics.get("validation"),
+        }
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- calibrate
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .data import load_splits
+    from .thresholds import choose_threshold, write_threshold_file
+
+    splits = load_splits(args.data, args.validation_rows, args.seed)
+    clf = _classifier(args)
+    p_val = clf.p_positive(splits.validation.texts, progress=True)
+    choice = choose_threshold(splits.validation.labels, p_val, args.policy)
+    extra = {"model": clf.identity.to_dict(), "data": str(args.data), "split": "validation"}
+    write_threshold_file(args.out, choice, extra)
+    print(
+        f"wrote threshold {choice.threshold:.4f} ({choice.policy}) to {args.out}", file=sys.stderr
+    )
+    _print_json(choice.to_dict())
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluate
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .data import load_splits
+    from .evaluation import bootstrap_ci, evaluate, write_report
+    from .plots import plot_confusion, plot_roc, plot_score_histogram
+    from .settings import read_threshold_file
+
+    splits = load_splits(args.data, args.validation_rows, args.seed)
+    split = getattr(splits, args.split)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.model == "baseline:tfidf":
+        from .baseline import TfidfBaseline
+
+        baseline = TfidfBaseline().fit(list(splits.train.texts), splits.train.labels)
+        p_val = baseline.predict_proba(list(splits.validation.texts))[:, 1]
+        p = baseline.predict_proba(list(split.texts))[:, 1]
+        name, labels = "tfidf-logreg", ("not hateful", "hateful")
+        identity = {"base_model": "tfidf-logreg", "lora_sha256": None}
+    else:
+        clf = _classifier(args)
+        p_val = clf.p_positive(splits.validation.texts, progress=True) if args.policy else None
+        p = clf.p_positive(split.texts, progress=True)
+        name, labels = clf.identity.base_model, tuple(clf.labels)
+        identity = clf.identity.to_dict()
+        threshold = clf.threshold
+    if args.threshold_file:
+        threshold, policy = read_threshold_file(args.threshold_file)["threshold"], "file"
+    elif args.threshold is not None:
+        threshold, policy = args.threshold, "given"
+    elif args.policy:
+        from .thresholds import choose_threshold
+
+        choice = choose_threshold(splits.validation.labels, p_val, args.policy)
+        threshold, policy = choice.threshold, f"{choice.policy} (validation)"
+    elif args.model == "baseline:tfidf":
+        threshold, policy = 0.5, "default"
+    else:
+        policy = "lora metadata" if clf.lora and clf.lora.threshold is not None else "default"
+    report = evaluate(split.labels, p, threshold, labels=labels)
+    report.update(
+        {
+            "model": identity,
+            "data": str(args.data),
+            "split": args.split,
+            "threshold_policy": policy,
+            "bootstrap": bootstrap_ci(split.labels, p, threshold, n_resamples=args.bootstrap),
+        }
+    )
+    write_report(out / "report.json", report)
+    np.save(out / "scores.npy", np.stack([split.labels.astype(np.float32), p]))
+    plot_roc({name: (split.labels, p, threshold)}, out / "roc.png")
+    plot_confusion(
+        split.labels,
+        (p >= threshold).astype(int),
+        labels,
+        out / "confusion.png",
+        title=f"{name} on {args.split} (threshold {threshold:.3f})",
+    )
+    plot_score_histogram(split.labels, p, threshold, out / "scores.png", labels=labels)
+    summary = {k: report[k] for k in ("n", "threshold", "f1", "roc_auc", "precision", "recall")}
+    summary["threshold_policy"] = policy
+    print(f"wrote {out}/report.json, roc.png, confusion.png, scores.png", file=sys.stderr)
+    _print_json(summary)
+    return 0
+
+
+# --------------------------------------------------------------------------- score
+def cmd_score(args: argparse.Namespace) -> int:
+    from .events import DeadLetter, InvalidEvent, parse_comment
+    from .verdicts import make_verdicts
+
+    clf = _classifier(args, threshold=args.threshold)
+    stream = open(args.input, "rb") if args.input not in (None, "-") else sys.stdin.buffer
+    out = sys.stdout.buffer
+    pending: list = []
+    counts = {"verdicts": 0, "dead_letters": 0}
+
+    def flush() -> None:
+        if not pending:
+            return
+        probs = clf.predict_proba([c.text for c in pending])
+        for verdict in make_verdicts(pending, probs, clf, clf.threshold):
+            out.write(orjson.dumps(verdict.to_dict()) + b"\n")
+        out.flush()
+        counts["verdicts"] += len(pending)
+        pending.clear()
+
+    with stream:
+        for line_no, raw in enumerate(stream, start=1):
+            raw = raw.rstrip(b"\r\n")
+            if not raw.strip():
+                continue
+            try:
+                pending.append(parse_comment(raw, args.max_text_chars))
+            except InvalidEvent as exc:
+                letter = DeadLetter(exc.reason, f"line {line_no}: {exc}", raw)
+                sys.stderr.write(orjson.dumps(letter.to_dict()).decode() + "\n")
+                counts["dead_letters"] += 1
+            if len(pending) >= clf.batch_size:
+                flush()
+        flush()
+    print(
+        f"score: {counts['verdicts']} verdicts, {counts['dead_letters']} dead letters "
+        "(written to stderr)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- worker / config
+def _settings(args: argparse.Namespace):
+    try:
+        return load_settings(args.config)
+    except SettingsError as exc:
+        print(f"moderation-worker: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    _print_json(_settings(args).public_dict())
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from adapters.faust_app import run_worker
+    from adapters.model_sources import build_classifier
+
+    settings = _settings(args)
+
+    def factory():
+        return build_classifier(
+            settings.model, settings.lora_weights, batch_size=settings.batch_size
+        )
+
+    run_worker(settings, factory)
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moderation-worker",
+        description="Agile hate-speech classification with a LoRA-tuned Gemma, on a Kafka stream.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="LoRA fine-tune on labelled data; saves weights + metadata")
+    _add_model_args(p, lora_default=None)
+    _add_data_args(p)
+    p.add_argument("--out", required=True, help="output path prefix (writes PREFIX.lora.h5/.json)")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--learning-rate", type=float, default=5e-4)
+    p.add_argument("--train-batch-size", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument(
+        "--loss",
+        choices=["vocab", "labels"],
+        default="vocab",
+        help="vocab: LM loss at the label position (codelab); labels: softmax over labels",
+    )
+    p.add_argument(
+        "--balance", action="store_true", help="weight examples by inverse class frequency"
+    )
+    p.add_argument("--target-layers", default="query_dense,value_dense,query,value")
+    p.add_argument("--train-rows", type=int, default=None, help="use only the first N train rows")
+    p.add_argument("--policy", default="max-f1", help="threshold policy on the validation split")
+    p.add_argument("--labels", default=None, help="comma-separated labels, negative first")
+    p.add_argument("--positive-label", default=None)
+    p.add_argument("--instructions", default=None)
+    p.add_argument("--separator", default=None, help=r"e.g. '\n<separator>\n'")
+    p.add_argument("--sequence-length", type=int, default=128)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("calibrate", help="choose the threshold on the validation split")
+    _add_model_args(p)
+    _add_data_args(p)
+    p.add_argument("--policy", default="max-f1", help="max-f1 | youden | fpr<=X | precision>=X")
+    p.add_argument("--out", default="threshold.toml", help="threshold file the worker reads")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("evaluate", help="metrics report (JSON) and plots (PNG) on a split")
+    _add_model_args(p)
+    _add_data_args(p)
+    p.add_argument("--split", choices=["train", "validation", "test"], default="test")
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--threshold-file", default=None)
+    p.add_argument("--policy", default=None, help="calibrate on validation first with this policy")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CI")
+    p.add_argument("--out", default="runs/evaluate")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("score", help="JSON lines {id, text} in, one verdict per line out")
+    _add_model_args(p)
+    p.add_argument("input", nargs="?", default="-", help="JSONL file, or - for stdin")
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--max-text-chars", type=int, default=20_000)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("worker", help="run the Faust stream worker with the settings")
+    p.add_argument("--config", default=None, help="TOML settings file")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("config", help="print the effective settings")
+    p.add_argument("--config", default=None, help="TOML settings file")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"moderation-worker {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
