@@ -136,7 +136,8 @@ def train_lora(
     """Enable LoRA on `backbone` and fit it so the label token follows each prompt.
 
     `labels` holds label indices into `encoder.settings.labels`. `verbose=1` shows a Keras
-    progress bar per epoch; each batch shape compiles once (at most 128/bucket shapes). The seed fixes LoRA initialisation, shuffling and dropout.
+    progress bar per epoch; each batch shape compiles once (at most 128/bucket shapes).
+    The seed fixes LoRA initialisation and shuffling.
     """
     labels = np.asarray(labels, dtype=np.int64)
     n_labels = len(encoder.settings.labels)
