@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     dlq_topic: str = "comments.dlq"
     input_partitions: int = Field(6, ge=1, description="partitions when the worker creates topics")
     processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    # Consumer-group timing. Defaults are Faust's, right for Apache Kafka; tests against Tansu
+    # use short values because every join there waits about half the session timeout.
+    session_timeout_s: float = Field(60.0, gt=0, description="consumer group session timeout")
+    heartbeat_interval_s: float = Field(3.0, gt=0, description="must be below session timeout")
+    rebalance_timeout_s: float = Field(60.0, gt=0, description="max time for a group rejoin")
+    commit_interval_s: float = Field(2.8, gt=0, description="how often acked offsets commit")
     # Batching
     batch_size: int = Field(8, ge=1, le=4096, description="rows per model call (fixed shape)")
     max_wait_ms: int = Field(200, ge=1, description="flush a partial batch after this wait")
@@ -52,6 +58,10 @@ class Settings(BaseSettings):
         DEFAULT_LORA, description="LoRA weights file, 'default' (shipped), or 'none' (zero-shot)"
     )
     sequence_length: int = Field(128, ge=16, le=8192)
+    model_retries: int = Field(
+        3, ge=0, description="retries of a batch when the model fails even on a known-good text"
+    )
+    model_retry_backoff_s: float = Field(1.0, gt=0, description="first retry delay, doubling")
     # Decision
     threshold: float | None = Field(None, ge=0.0, le=1.0, description="overrides threshold_file")
     threshold_file: Path | None = Field(None, description="TOML written by `calibrate`")
@@ -81,6 +91,11 @@ class Settings(BaseSettings):
         topics = [self.input_topic, self.verdict_topic, self.dlq_topic]
         if len(set(topics)) != 3:
             raise ValueError(f"input, verdict and dead-letter topics must differ, got {topics}")
+        if self.heartbeat_interval_s >= self.session_timeout_s:
+            raise ValueError(
+                f"heartbeat_interval_s ({self.heartbeat_interval_s}) must be below "
+                f"session_timeout_s ({self.session_timeout_s})"
+            )
         return self
 
     @classmethod
