@@ -1,1 +1,377 @@
-"""Fixtures for Kafka-protocol brokers (filled in by the worker tests)."""
+"""Fixtures for Kafka-protocol brokers, and helpers to drive real worker processes against them.
+
+`broker` starts the embedded Tansu broker once per test session, unless the environment
+variable `MODERATION_TEST_BROKER` names a real broker (`kafka://host:9092`), so the same tests
+run against Apache Kafka. Each test gets fresh topic names and a fresh consumer group.
+
+Tansu 0.6.0 quirks handled here, not in the product:
+* every group join waits about half the session timeout, and a member leaving from generation 0
+  sends no LeaveGroup, so the next join waits for its session to expire: workers under test use
+  3 s session / 0.5 s heartbeat / 3 s rebalance timeouts (production keeps Faust's defaults);
+* `list_consumer_group_offsets` fails to decode, so committed offsets are read with
+  `AIOKafkaConsumer.committed()`;
+* ListOffsets LATEST can be wrong, so readers here always start from the earliest offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from adapters.tansu import TansuBroker, free_port
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BROKER_ENV = "MODERATION_TEST_BROKER"
+SCORER_ENV = "MODERATION_TEST_SCORER"
+
+#: Consumer-group timing for tests (see the module docstring).
+FAST_GROUP_ENV = {
+    "MODERATION_SESSION_TIMEOUT_S": "3",
+    "MODERATION_HEARTBEAT_INTERVAL_S": "0.5",
+    "MODERATION_REBALANCE_TIMEOUT_S": "3",
+    "MODERATION_COMMIT_INTERVAL_S": "0.5",
+}
+
+
+@dataclass(frozen=True)
+class BrokerInfo:
+    """Where the test broker listens, in both URL spellings."""
+
+    url: str  # kafka://host:port (Faust)
+    bootstrap: str  # host:port (aiokafka)
+    embedded: bool
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[BrokerInfo]:
+    url = os.environ.get(BROKER_ENV)
+    if url:
+        bootstrap = ",".join(u.split("://", 1)[-1] for u in url.split(";"))
+        yield BrokerInfo(url=url, bootstrap=bootstrap, embedded=False)
+        return
+    with TansuBroker() as tansu:
+        yield BrokerInfo(url=tansu.url, bootstrap=tansu.bootstrap, embedded=True)
+
+
+@dataclass(frozen=True)
+class TopicSet:
+    """Fresh names for one test, so tests sharing a broker never see each other's records."""
+
+    app_id: str
+    input: str
+    verdicts: str
+    dlq: str
+
+    @classmethod
+    def fresh(cls) -> TopicSet:
+        tag = uuid.uuid4().hex[:8]
+        return cls(
+            f"mw-{tag}", f"comments-{tag}", f"comments-{tag}.verdicts", f"comments-{tag}.dlq"
+        )
+
+
+@pytest.fixture
+def topics() -> TopicSet:
+    return TopicSet.fresh()
+
+
+def worker_env(
+    broker: BrokerInfo, topics: TopicSet, *, partitions: int = 4, **settings: Any
+) -> dict[str, str]:
+    """`MODERATION_*` environment for a worker process on the test broker."""
+    env = {
+        "MODERATION_BROKER_URL": broker.url,
+        "MODERATION_APP_ID": topics.app_id,
+        "MODERATION_INPUT_TOPIC": topics.input,
+        "MODERATION_VERDICT_TOPIC": topics.verdicts,
+        "MODERATION_DLQ_TOPIC": topics.dlq,
+        "MODERATION_INPUT_PARTITIONS": str(partitions),
+        "MODERATION_BATCH_SIZE": "8",
+        "MODERATION_MAX_WAIT_MS": "50",
+        "MODERATION_MODEL_RETRIES": "1",
+        "MODERATION_MODEL_RETRY_BACKOFF_S": "0.1",
+        "MODERATION_LOG_LEVEL": "INFO",
+        **FAST_GROUP_ENV,
+    }
+    env.update({f"MODERATION_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker processes
+# ---------------------------------------------------------------------------------------------
+
+
+def _worker_main() -> None:
+    """Entry point of a worker subprocess: settings from the environment, a `TrivialScorer`
+    configured by `MODERATION_TEST_SCORER` (JSON keyword arguments)."""
+    from adapters.faust_app import run_worker
+    from moderation_worker.settings import load_settings
+    from moderation_worker.trivial_scorer import TrivialScorer
+
+    spec = json.loads(os.environ.pop(SCORER_ENV, "{}") or "{}")
+    settings = load_settings()
+    run_worker(settings, lambda: TrivialScorer(batch_size=settings.batch_size, **spec))
+
+
+@dataclass
+class WorkerProcess:
+    """One `moderation-worker` process under test, with its log captured to a file."""
+
+    env: dict[str, str]
+    log_path: Path
+    web_port: int
+    proc: subprocess.Popen[bytes] | None = None
+    scorer: dict[str, Any] = field(default_factory=dict)
+
+    def start(self) -> WorkerProcess:
+        env = {
+            **os.environ,
+            **self.env,
+            "MODERATION_WEB_PORT": str(self.web_port),
+            SCORER_ENV: json.dumps(self.scorer),
+            "PYTHONUNBUFFERED": "1",
+        }
+        env.pop("MODERATION_CONFIG_FILE", None)
+        code = "from tests.fixtures_broker import _worker_main; _worker_main()"
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code],
+                cwd=REPO_ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def health(self) -> tuple[int, dict[str, Any]] | None:
+        """(status, body) of `/health`, or None while the web server is not up."""
+        url = f"http://127.0.0.1:{self.web_port}/health"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+        except (OSError, ValueError):
+            return None
+
+    def get(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}{path}", timeout=2) as r:
+            return r.read().decode("utf-8")
+
+    def wait_ready(self, timeout: float = 30.0, *, assigned: bool = True) -> dict[str, Any]:
+        """Block until `/health` says ready (and, by default, partitions are assigned)."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            self._check_alive()
+            last = self.health()
+            if last is not None and last[0] == 200:
+                body = last[1]
+                if not assigned or (body["assigned_partitions"] and not body["rebalancing"]):
+                    return body
+            time.sleep(0.1)
+        raise TimeoutError(
+            f"worker not ready after {timeout}s (last health {last}):\n{self.log_tail()}"
+        )
+
+    def _check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, then SIGKILL if it does not exit in time."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=timeout)
+        return self.proc.returncode
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """The worker's JSON log records (non-JSON lines are skipped)."""
+        out = []
+        for line in self.log_path.read_bytes().splitlines():
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+        return out
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log_path.read_bytes()[-n:].decode("utf-8", "replace")
+
+
+@pytest.fixture
+def spawn_worker(tmp_path: Path) -> Iterator[Any]:
+    """Factory: `spawn_worker(env, scorer={...})` starts a worker; all are stopped afterwards."""
+    started: list[WorkerProcess] = []
+
+    def _spawn(env: dict[str, str], scorer: dict[str, Any] | None = None) -> WorkerProcess:
+        n = len(started)
+        worker = WorkerProcess(
+            env=env,
+            log_path=tmp_path / f"worker-{n}.log",
+            web_port=free_port(),
+            scorer=scorer or {},
+        )
+        started.append(worker.start())
+        return worker
+
+    yield _spawn
+    for worker in started:
+        worker.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Talking to the broker from tests
+# ---------------------------------------------------------------------------------------------
+
+
+async def create_topics(broker: BrokerInfo, names: Iterable[str], partitions: int) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(n, partitions, 1) for n in names])
+    finally:
+        await admin.close()
+
+
+async def produce(
+    broker: BrokerInfo, topic: str, records: Iterable[tuple[bytes | None, bytes | None]]
+) -> list[tuple[int, int]]:
+    """Send (key, value) records; return their (partition, offset) in order."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, key=k, value=v) for k, v in records]
+        metadata = await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return [(m.partition, m.offset) for m in metadata]
+
+
+@dataclass
+class Outputs:
+    """Everything read from the verdict and dead-letter topics."""
+
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
+    dead_letters: list[dict[str, Any]] = field(default_factory=list)
+    keys: dict[tuple[str, int, int], bytes | None] = field(default_factory=dict)
+
+    @property
+    def all(self) -> list[dict[str, Any]]:
+        return self.verdicts + self.dead_letters
+
+    def sources(self) -> list[tuple[int, int]]:
+        """(partition, offset) of the input behind every output, duplicates included."""
+        return [(o["source"]["partition"], o["source"]["offset"]) for o in self.all]
+
+    def ids(self) -> set[str]:
+        return {o["id"] for o in self.all if "id" in o}
+
+
+async def read_outputs(
+    broker: BrokerInfo,
+    topics: TopicSet,
+    *,
+    until: Any = None,
+    timeout: float = 30.0,
+    idle: float = 0.0,
+) -> Outputs:
+    """Read both output topics from the start until `until(outputs)` holds (or `idle` seconds
+    pass without a new record, or `timeout`)."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        topics.verdicts,
+        topics.dlq,
+        bootstrap_servers=broker.bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        metadata_max_age_ms=500,
+    )
+    await consumer.start()
+    out = Outputs()
+    deadline = time.monotonic() + timeout
+    last_new = time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for tp, messages in batch.items():
+                for m in messages:
+                    value = orjson.loads(m.value)
+                    (out.verdicts if tp.topic == topics.verdicts else out.dead_letters).append(
+                        value
+                    )
+                    src = value.get("source", {})
+                    out.keys[(tp.topic, src.get("partition", -1), src.get("offset", -1))] = m.key
+                    last_new = time.monotonic()
+            if until is not None and until(out):
+                break
+            if idle and time.monotonic() - last_new >= idle:
+                break
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def committed_offsets(
+    broker: BrokerInfo, group: str, topic: str, partitions: int
+) -> dict[int, int]:
+    """Committed offset per partition of `group` (0 when none), via `consumer.committed()`."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=broker.bootstrap, group_id=group, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        out = {}
+        for p in range(partitions):
+            offset = await consumer.committed(TopicPartition(topic, p))
+            out[p] = offset or 0
+        return out
+    finally:
+        await consumer.stop()
+
+
+def comment(i: int, text: str | None = None, **extra: Any) -> bytes:
+    """A valid input event with id `c{i}`."""
+    return orjson.dumps({"id": f"c{i}", "text": text or f"comment number {i}", **extra})

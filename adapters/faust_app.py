@@ -1,0 +1,422 @@
+"""The Faust app: comment topic in, verdicts and dead letters out, offsets acknowledged by us.
+
+Faust provides the consumer group, the web server and the worker lifecycle; the batching and
+the at-least-once rules are the core's `BatchPipeline`. We deliberately do not use
+`stream.take()`: it acks its whole buffer in a `finally:` once the batch is handed over, even
+when processing raised or the task was cancelled. Instead the agent iterates a `noack()` stream,
+hands each event to the pipeline, and the pipeline acks an event only after the broker accepted
+its verdict or dead letter, in arrival order (Faust commits a partition's contiguous run of acked
+offsets, so an ack that overtakes an earlier event would let the commit skip it).
+
+Any failure the pipeline cannot turn into a dead letter crashes the whole app rather than
+restarting the agent: a restarted agent would go on acking later events while the failed ones
+stay unacknowledged, and Faust's commit would then skip them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import logging.config
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import faust
+from faust.types import TP
+
+from moderation_worker.batching import (
+    BatchPipeline,
+    BatchProcessor,
+    InputEvent,
+    Outcome,
+    PipelineFailure,
+    admit,
+)
+from moderation_worker.events import SourcePosition
+from moderation_worker.settings import Settings, SettingsError
+from moderation_worker.verdicts import ProbabilityModel
+
+from . import codecs
+from .jsonlog import logging_config
+from .metrics import PipelineMetrics
+
+log = logging.getLogger("moderation_worker.worker")
+
+AGENT_NAME = "moderate"
+
+
+class ThresholdHolder:
+    """The threshold in force; `reload()` re-reads it (SIGHUP) without touching the model.
+
+    By default a reload re-resolves the original settings, which re-reads `threshold_file`
+    (the file `moderation-worker calibrate` writes). A caller that can rebuild the whole settings
+    object (the CLI, from its config file and flags) passes `reload_settings`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        fallback: float,
+        reload_settings: Callable[[], Settings] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.fallback = fallback
+        self._reload_settings = reload_settings
+        self.value = settings.resolved_threshold(fallback)
+
+    def __call__(self) -> float:
+        return self.value
+
+    def reload(self) -> float:
+        """Re-resolve the threshold; on a bad file keep the old value and raise `SettingsError`."""
+        settings = self._reload_settings() if self._reload_settings else self.settings
+        value = settings.resolved_threshold(self.fallback)
+        old, self.value = self.value, value
+        log.info("threshold reloaded", extra={"threshold": value, "previous_threshold": old})
+        return value
+
+
+class FaustSink:
+    """Publishes outcomes through Faust's producer and returns once the broker accepted all.
+
+    Under `exactly_once` each record goes into the transaction of its *input* partition (the
+    transaction Faust commits that partition's offsets with), so a verdict and the offset of
+    its comment commit or abort together.
+    """
+
+    def __init__(self, app: faust.App, settings: Settings) -> None:
+        self.app = app
+        self.verdict_topic = settings.verdict_topic
+        self.dlq_topic = settings.dlq_topic
+        self.input_topic = settings.input_topic
+        self.exactly_once = settings.processing_guarantee == "exactly_once"
+
+    def _transactional_id(self, source: SourcePosition) -> str | None:
+        if not self.exactly_once:
+            return None
+        group = self.app.assignor.group_for_topic(source.topic)
+        return f"{self.app.conf.id}-{group}-{source.partition}"
+
+    async def publish(self, outcomes: Sequence[Outcome[Any]]) -> None:
+        producer = self.app.producer
+        pending = []
+        for outcome in outcomes:
+            topic = self.verdict_topic if outcome.verdict is not None else self.dlq_topic
+            value = codecs.dumps(codecs.outcome_value(outcome))
+            pending.append(
+                await producer.send(
+                    topic,
+                    outcome.event.key,
+                    value,
+                    None,  # partition from the key, so per-key order and affinity hold
+                    None,
+                    None,
+                    transactional_id=self._transactional_id(outcome.event.source),
+                )
+            )
+        await asyncio.gather(*pending)
+
+
+class WorkerState:
+    """What one worker process holds: the model, the threshold, metrics, and readiness."""
+
+    def __init__(
+        self,
+        app: faust.App,
+        settings: Settings,
+        model: ProbabilityModel | Callable[[], ProbabilityModel],
+        threshold: ThresholdHolder,
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.threshold = threshold
+        self.metrics = PipelineMetrics()
+        self.metrics.threshold.set(threshold.value)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._model_factory: Callable[[], ProbabilityModel] | None = None
+        self.model: ProbabilityModel | None = None
+        if _is_model(model):
+            self._set_model(model)  # type: ignore[arg-type]
+        else:
+            self._model_factory = model  # type: ignore[assignment]
+        self.model_ready = asyncio.Event()
+        self.pipeline: BatchPipeline[faust.EventT] | None = None
+        self.failure: BaseException | None = None
+        self.positions: dict[TP, int] = {}
+
+    def _set_model(self, model: ProbabilityModel) -> None:
+        self.model = model
+        self.metrics.set_model(model.identity.base_model, model.identity.lora_sha256)
+        if model.batch_size != self.settings.batch_size:
+            log.warning(
+                "model batch size differs from settings.batch_size; the worker pads to the "
+                "settings value",
+                extra={
+                    "model_batch_size": model.batch_size,
+                    "batch_size": self.settings.batch_size,
+                },
+            )
+
+    async def load_model(self) -> None:
+        """Load the model once per process, off the event loop, so the worker keeps heartbeating."""
+        if self.model is None and self._model_factory is not None:
+            started = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            model = await loop.run_in_executor(self.executor, self._model_factory)
+            self._set_model(model)
+            log.info("model loaded", extra={"seconds": round(time.perf_counter() - started, 3)})
+        self.model_ready.set()
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self.model_ready.is_set()
+            and self.pipeline is not None
+            and self.failure is None
+            and not self.app.should_stop
+        )
+
+    def new_pipeline(self, ack: Callable[[faust.EventT], Any]) -> BatchPipeline[faust.EventT]:
+        assert self.model is not None
+        processor = BatchProcessor(self.model, self.threshold, batch_size=self.settings.batch_size)
+
+        async def ack_and_track(event: InputEvent[faust.EventT]) -> None:
+            await ack(event.handle)
+            message = event.handle.message
+            self.positions[message.tp] = message.offset + 1
+
+        self.pipeline = BatchPipeline(
+            processor,
+            FaustSink(self.app, self.settings),
+            ack_and_track,
+            max_wait_s=self.settings.max_wait_ms / 1000.0,
+            executor=self.executor,
+            observer=self.metrics,
+            model_retries=self.settings.model_retries,
+            retry_backoff_s=self.settings.model_retry_backoff_s,
+        )
+        return self.pipeline
+
+    def to_input_event(self, event: faust.EventT) -> InputEvent[faust.EventT]:
+        message = event.message
+        return admit(
+            event.value,
+            key=message.key,
+            source=SourcePosition(message.topic, message.partition, message.offset),
+            handle=event,
+            received_at=time.monotonic(),
+            produced_at=message.timestamp or None,
+            max_text_chars=self.settings.max_text_chars,
+        )
+
+    async def crash(self, exc: BaseException) -> None:
+        """Stop the worker with an error: unacked events are rescored after the restart."""
+        if self.failure is None:
+            self.failure = exc
+            log.error("pipeline failed; stopping the worker", exc_info=exc)
+            await self.app.crash(exc)
+
+    def reload_threshold(self) -> None:
+        try:
+            value = self.threshold.reload()
+        except SettingsError as exc:
+            self.metrics.threshold_reloads.labels("error").inc()
+            log.error("threshold reload failed; keeping %s", self.threshold.value, exc_info=exc)
+            return
+        self.metrics.threshold.set(value)
+        self.metrics.threshold_reloads.labels("ok").inc()
+
+    def update_lag(self) -> None:
+        consumer = self.app.consumer
+        for tp in consumer.assignment():
+            if tp.topic != self.settings.input_topic:
+                continue
+            try:
+                highwater = consumer.highwater(tp)
+            except Exception:  # not yet fetched; lag is unknown, not zero
+                continue
+            if highwater is None or tp not in self.positions:
+                continue
+            lag = max(0, highwater - self.positions[tp])
+            self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
+
+    def health(self) -> tuple[dict[str, Any], int]:
+        body: dict[str, Any] = {
+            "status": "ready" if self.ready else ("failed" if self.failure else "starting"),
+            "model_loaded": self.model_ready.is_set(),
+            "model": self.model.identity.to_dict() if self.model is not None else None,
+            "threshold": self.threshold.value,
+            "rebalancing": bool(self.app.rebalancing),
+            "assigned_partitions": sorted(
+                tp.partition
+                for tp in (self.app.consumer.assignment() if self.pipeline else ())
+                if tp.topic == self.settings.input_topic
+            ),
+        }
+        if self.failure is not None:
+            body["error"] = str(self.failure)
+        return body, 200 if self.ready else 503
+
+
+def _is_model(obj: object) -> bool:
+    return hasattr(obj, "predict_proba") and hasattr(obj, "labels")
+
+
+def faust_options(settings: Settings) -> dict[str, Any]:
+    """Faust app configuration derived from the settings."""
+    return {
+        "broker": settings.broker_url,
+        "processing_guarantee": settings.processing_guarantee,
+        "topic_partitions": settings.input_partitions,
+        "consumer_auto_offset_reset": "earliest",  # a new group must not skip comments
+        "broker_session_timeout": settings.session_timeout_s,
+        "broker_heartbeat_interval": settings.heartbeat_interval_s,
+        "broker_rebalance_timeout": settings.rebalance_timeout_s,
+        "broker_commit_interval": settings.commit_interval_s,
+        "stream_wait_empty": True,  # on rebalance, wait for in-flight batches to be acked
+        "producer_acks": -1,
+        "web_enabled": True,
+        "web_port": settings.web_port,
+        "web_bind": "0.0.0.0",
+        "web_host": "127.0.0.1",
+        # No tables, so no state worth keeping; Faust still insists on a data directory.
+        "datadir": str(_data_dir(settings.app_id)),
+    }
+
+
+def _data_dir(app_id: str) -> Path:
+    path = Path(tempfile.gettempdir()) / "moderation-worker" / app_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def build_app(
+    settings: Settings,
+    model: ProbabilityModel | Callable[[], ProbabilityModel],
+    *,
+    threshold_fallback: float = 0.5,
+    reload_settings: Callable[[], Settings] | None = None,
+) -> faust.App:
+    """A Faust app for `settings` scoring with `model` (an instance, or a factory loaded at start).
+
+    The app exposes `/health` (200 when ready, 503 while starting or after a failure) and
+    `/metrics` on Faust's web server; `app.moderation` is the `WorkerState`.
+    """
+    codecs.register()
+    app = faust.App(settings.app_id, **faust_options(settings))
+    state = WorkerState(
+        app, settings, model, ThresholdHolder(settings, threshold_fallback, reload_settings)
+    )
+    app.moderation = state  # type: ignore[attr-defined]
+
+    source = app.topic(
+        settings.input_topic,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.input_partitions,
+    )
+    outputs = [
+        app.topic(
+            name, key_serializer="raw", value_serializer="raw", partitions=settings.input_partitions
+        )
+        for name in (settings.verdict_topic, settings.dlq_topic)
+    ]
+
+    @app.task
+    async def _prepare() -> None:
+        for topic in outputs:
+            await topic.maybe_declare()
+        await app.producer.maybe_start()
+        try:
+            await state.load_model()
+        except Exception as exc:
+            await state.crash(exc)
+
+    @app.agent(source, name=AGENT_NAME, concurrency=1)
+    async def moderate(stream: faust.StreamT) -> None:
+        await state.model_ready.wait()
+        events = stream.noack()
+        pipeline = state.new_pipeline(events.ack)
+        runner = asyncio.ensure_future(pipeline.run())
+
+        def _runner_done(task: asyncio.Future[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                asyncio.ensure_future(state.crash(task.exception()))  # type: ignore[arg-type]
+
+        runner.add_done_callback(_runner_done)
+        try:
+            async for event in events.events():
+                await pipeline.submit(state.to_input_event(event))
+        except PipelineFailure as exc:
+            await state.crash(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must not restart the agent past unacked events
+            await state.crash(exc)
+            raise
+        finally:
+            runner.cancel()
+
+    @app.timer(interval=5.0)
+    async def _lag() -> None:
+        state.update_lag()
+
+    @app.page("/health")
+    async def health(self: faust.web.View, request: faust.web.Request) -> faust.web.Response:
+        body, status = state.health()
+        return self.json(body, status=status)
+
+    from faust.sensors.prometheus import setup_prometheus_sensors
+
+    setup_prometheus_sensors(app, registry=state.metrics.registry, name_prefix="faust")
+    return app
+
+
+def worker_state(app: faust.App) -> WorkerState:
+    """The `WorkerState` of an app made by `build_app`."""
+    return app.moderation  # type: ignore[attr-defined,no-any-return]
+
+
+def run_worker(
+    settings: Settings,
+    model_factory: Callable[[], ProbabilityModel],
+    threshold_fallback: float = 0.5,
+    *,
+    reload_settings: Callable[[], Settings] | None = None,
+) -> None:
+    """Run one worker until SIGTERM/SIGINT (blocking); SIGHUP reloads the threshold.
+
+    The model is loaded before the worker joins the consumer group, so a slow load does not
+    hold partitions hostage or trigger a rebalance.
+    """
+    logging.config.dictConfig(logging_config(settings.log_level))
+    log.info("worker starting", extra={"settings": settings.public_dict()})
+    started = time.perf_counter()
+    model = model_factory()
+    log.info("model loaded", extra={"seconds": round(time.perf_counter() - started, 3)})
+    app = build_app(
+        settings, model, threshold_fallback=threshold_fallback, reload_settings=reload_settings
+    )
+    state = worker_state(app)
+
+    @app.task
+    async def _install_sighup() -> None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, state.reload_threshold)
+
+    if settings.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, registry=state.metrics.registry)
+
+    worker = faust.Worker(
+        app,
+        loglevel=settings.log_level,
+        logging_config=logging_config(settings.log_level),
+        quiet=True,
+    )
+    worker.execute_from_commandline()
