@@ -41,9 +41,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _prompt_from_args(args: argparse.Namespace):
-    from .prompts import DEFAULT_INSTRUCTIONS, DEFAULT_SEPARATOR, PromptSettings
+    from .prompts import DEFAULT_INSTRUCTIONS, DEFAULT_LABELS, DEFAULT_SEPARATOR, PromptSettings
 
-    labels = tuple(s.strip() for s in (args.labels or "Safe,Hateful").split(","))
+    labels = tuple(s.strip() for s in args.labels.split(",")) if args.labels else DEFAULT_LABELS
     return PromptSettings(
         labels=labels,
         positive_label=args.positive_label or labels[-1],

@@ -19,7 +19,7 @@ import numpy as np
 
 DEFAULT_INSTRUCTIONS = "Classify the following text into one of the following classes"
 DEFAULT_SEPARATOR = "\n<separator>\n"
-DEFAULT_LABELS = ("Safe", "Hateful")
+DEFAULT_LABELS = ("Safe", "Toxic")  # both single tokens in the Gemma 3 vocabulary
 DEFAULT_SEQUENCE_LENGTH = 128
 
 

@@ -20,7 +20,9 @@ def encoder(tiny_model) -> PromptEncoder:
 
 
 def test_render_matches_the_method_layout() -> None:
-    s = PromptSettings(labels=("Safe", "Hateful"), separator="<separator>")
+    s = PromptSettings(
+        labels=("Safe", "Hateful"), positive_label="Hateful", separator="<separator>"
+    )
     assert s.render("hi") == (
         "Classify the following text into one of the following classes:[Safe,Hateful]"
         "<separator>Text:hi<separator>Prediction:"
@@ -91,7 +93,7 @@ def test_prompt_too_long_for_sequence_fails_when_built(tiny_model) -> None:
     [
         ({"labels": ("Safe",), "positive_label": "Safe"}, "two labels"),
         ({"labels": ("Safe", "Safe")}, "distinct"),
-        ({"positive_label": "Toxic"}, "not in"),
+        ({"positive_label": "Hateful"}, "not in"),
         ({"separator": "  "}, "visible"),
     ],
 )
