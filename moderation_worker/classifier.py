@@ -40,6 +40,9 @@ class AgileClassifier:
         threshold: decision threshold on p(positive label); default: the LoRA metadata's
             calibrated threshold, else 0.5.
         batch_size: rows per model call; every call has exactly this shape.
+        length_buckets: optional shorter sequence lengths (e.g. `(32, 64)`): a batch whose
+            longest prompt fits a bucket is cut to it. Exact (right padding, causal attention)
+            and one compiled graph per bucket; pays off when most comments are short.
 
     Example:
         >>> clf = AgileClassifier(load_model_source("tiny"), batch_size=8)
@@ -55,6 +58,7 @@ class AgileClassifier:
         threshold: float | None = None,
         batch_size: int = 8,
         jit_compile: bool | str = "auto",
+        length_buckets: Sequence[int] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -73,6 +77,9 @@ class AgileClassifier:
         self.encoder = PromptEncoder(model.tokenizer, self.prompt)  # checks single-token labels
         self.scorer = LabelTokenScorer(model.backbone, self.encoder.label_ids, jit_compile)
         self.batch_size = batch_size
+        length = self.prompt.sequence_length
+        self.length_buckets = tuple(sorted({int(b) for b in (length_buckets or ()) if b < length}))
+        self.length_buckets += (length,)
         self.identity = ModelIdentity(base_model=model.name, lora_sha256=lora_sha)
         default = self.lora.threshold if self.lora and self.lora.threshold is not None else 0.5
         self.threshold = float(threshold if threshold is not None else default)
@@ -99,6 +106,8 @@ class AgileClassifier:
         for start in starts:
             chunk = texts[start : start + self.batch_size]
             batch = self.encoder.encode(chunk, batch_size=self.batch_size)
+            if len(self.length_buckets) > 1:
+                batch = batch.cut_to(self.length_buckets)
             out[start : start + len(chunk)] = self.scorer.probabilities(batch)[: len(chunk)]
         return out
 

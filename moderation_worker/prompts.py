@@ -120,6 +120,19 @@ class EncodedBatch:
     def __len__(self) -> int:
         return int(self.token_ids.shape[0])
 
+    def cut_to(self, buckets: Sequence[int]) -> EncodedBatch:
+        """The same batch cut to the smallest bucket length that holds every real token."""
+        needed = int(self.last_index.max()) + 1
+        length = next((b for b in sorted(buckets) if b >= needed), self.token_ids.shape[1])
+        if length >= self.token_ids.shape[1]:
+            return self
+        return EncodedBatch(
+            self.token_ids[:, :length],
+            self.padding_mask[:, :length],
+            self.last_index,
+            self.truncated,
+        )
+
 
 class PromptEncoder:
     """Encodes comments into `[batch, sequence_length]` rows: BOS, head, comment (cut), tail.

@@ -86,3 +86,13 @@ def test_xla_and_eager_graphs_agree(tiny_model, jit) -> None:
     base = LabelTokenScorer(tiny_model.backbone, encoder.label_ids, jit_compile=False)
     other = LabelTokenScorer(tiny_model.backbone, encoder.label_ids, jit_compile=jit)
     np.testing.assert_allclose(base.probabilities(batch), other.probabilities(batch), atol=1e-5)
+
+
+def test_length_buckets_give_the_same_probabilities(tiny_model) -> None:
+    fixed = AgileClassifier(tiny_model, batch_size=4)
+    bucketed = AgileClassifier(tiny_model, batch_size=4, length_buckets=(48, 64))
+    batch = bucketed.encoder.encode(TEXTS[:2], batch_size=4)
+    assert batch.cut_to(bucketed.length_buckets).token_ids.shape == (4, 48)
+    np.testing.assert_allclose(
+        bucketed.predict_proba(TEXTS), fixed.predict_proba(TEXTS), atol=1e-5
+    )
