@@ -92,7 +92,9 @@ def test_length_buckets_give_the_same_probabilities(tiny_model) -> None:
     fixed = AgileClassifier(tiny_model, batch_size=4)
     bucketed = AgileClassifier(tiny_model, batch_size=4, length_buckets=(48, 64))
     batch = bucketed.encoder.encode(TEXTS[:2], batch_size=4)
-    assert batch.cut_to(bucketed.length_buckets).token_ids.shape == (4, 48)
+    needed = int(batch.last_index.max()) + 1
+    cut = batch.cut_to(bucketed.length_buckets).token_ids.shape[1]
+    assert cut == min(b for b in (48, 64, 128) if b >= needed) and cut < 128
     np.testing.assert_allclose(
         bucketed.predict_proba(TEXTS), fixed.predict_proba(TEXTS), atol=1e-5
     )
