@@ -236,6 +236,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- quality
+def cmd_quality(args: argparse.Namespace) -> int:
+    from .data import load_splits
+    from .quality import Entry, build_report, load_or_score, render_markdown
+
+    splits = load_splits(args.data, args.validation_rows, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = [Entry.parse(e) for e in args.entry]
+    scores = [
+        load_or_score(e, splits, out / "scores", lambda en, sp: _score_entry(en, sp, args))
+        for e in entries
+    ]
+    result = build_report(scores, splits, out, bootstrap=args.bootstrap)
+    command = (
+        "moderation-worker " + " ".join(sys.argv[1:])
+        if args.command_line is None
+        else args.command_line
+    )
+    (out / "REPORT.md").write_text(render_markdown(result, command), encoding="utf-8")
+    print(f"wrote {out}/REPORT.md, quality.json and figures", file=sys.stderr)
+    sys.stdout.write((out / "REPORT.md").read_text(encoding="utf-8"))
+    return 0
+
+
+def _score_entry(entry, splits, args: argparse.Namespace):
+    from .quality import score_entry
+
+    return score_entry(entry, splits, batch_size=args.batch_size)
+
+
 # --------------------------------------------------------------------------- score
 def cmd_score(args: argparse.Namespace) -> int:
     from .events import DeadLetter, InvalidEvent, parse_comment
@@ -360,6 +391,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CI")
     p.add_argument("--out", default="runs/evaluate")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("quality", help="several models, one table: metrics, CIs, policies, plots")
+    _add_data_args(p)
+    p.add_argument(
+        "--entry",
+        action="append",
+        required=True,
+        help="NAME=MODEL[@LORA], e.g. tfidf=baseline:tfidf, zero-shot=gemma3-270m, "
+        "lora-800=gemma3-270m@weights.lora.h5 (repeat)",
+    )
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--out", default="reports/quality")
+    p.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_quality)
 
     p = sub.add_parser("score", help="JSON lines {id, text} in, one verdict per line out")
     _add_model_args(p)
