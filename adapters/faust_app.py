@@ -95,6 +95,8 @@ class FaustSink:
         self.dlq_topic = settings.dlq_topic
         self.input_topic = settings.input_topic
         self.exactly_once = settings.processing_guarantee == "exactly_once"
+        # Room for the record's key, headers and framing under the producer's request limit.
+        self._max_bytes = int(app.conf.producer_max_request_size) - 4_096
 
     def _transactional_id(self, source: SourcePosition) -> str | None:
         if not self.exactly_once:
@@ -107,11 +109,12 @@ class FaustSink:
         pending = []
         for outcome in outcomes:
             topic = self.verdict_topic if outcome.verdict is not None else self.dlq_topic
-            value = codecs.dumps(codecs.outcome_value(outcome))
+            key = outcome.event.key
+            value = codecs.encode_outcome(outcome, max(1_024, self._max_bytes - len(key or b"")))
             pending.append(
                 await producer.send(
                     topic,
-                    outcome.event.key,
+                    key,
                     value,
                     None,  # partition from the key, so per-key order and affinity hold
                     None,

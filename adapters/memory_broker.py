@@ -28,7 +28,7 @@ from moderation_worker.batching import (
 )
 from moderation_worker.events import DEFAULT_MAX_TEXT_CHARS, SourcePosition
 
-from .codecs import dumps, outcome_value
+from .codecs import encode_outcome
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ class MemorySink:
             raise ConnectionError("memory broker refused the produce request")
         for outcome in outcomes:
             topic = self.verdict_topic if outcome.verdict is not None else self.dlq_topic
-            self.broker.produce(topic, dumps(outcome_value(outcome)), key=outcome.event.key)
+            self.broker.produce(topic, encode_outcome(outcome), key=outcome.event.key)
 
 
 class OffsetTracker:

@@ -558,6 +558,18 @@ class BatchPipeline(Generic[H]):
             self.acked += 1
         if self.observer is not None:
             self.observer.on_batch_done(batch, result, published_at)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "batch done",
+                extra={
+                    "events": len(batch),
+                    "rows": result.rows,
+                    "fill_ratio": round(result.fill_ratio, 3),
+                    "closed_by": batch.closed_by,
+                    "model_calls": result.model_calls,
+                    "model_seconds": round(sum(result.model_seconds), 4),
+                },
+            )
 
     async def _process_with_retries(self, batch: Batch[H]) -> BatchResult[H]:
         loop = asyncio.get_running_loop()

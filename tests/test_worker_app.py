@@ -4,6 +4,7 @@ codecs, JSON logs and the Tansu helper."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import sys
 import threading
@@ -18,6 +19,7 @@ from adapters import codecs
 from adapters.faust_app import FaustSink, ThresholdHolder, build_app, worker_state
 from adapters.jsonlog import JsonFormatter, logging_config
 from adapters.tansu import TansuBroker, free_port, kafka_ready
+from moderation_worker.batching import BatchProcessor, Outcome, admit
 from moderation_worker.events import SourcePosition
 from moderation_worker.settings import Settings, SettingsError
 from moderation_worker.trivial_scorer import TrivialScorer
@@ -126,6 +128,33 @@ def test_orjson_codec_is_registered_with_faust() -> None:
     obj = {"id": "c1", "p": 0.25, "meta": {"x": [1, 2]}}
     assert faust_codecs.loads("orjson", faust_codecs.dumps("orjson", obj)) == obj
     assert codecs.loads(codecs.dumps(obj)) == obj
+
+
+def _outcome(raw: bytes, model: TrivialScorer | None = None) -> Outcome[int]:
+    event = admit(raw, key=b"k", source=SourcePosition("c", 0, 0), handle=0, received_at=0)
+    processor = BatchProcessor(model or TrivialScorer(batch_size=1), threshold=0.5)
+    return processor.process([event]).outcomes[0]
+
+
+def test_outputs_shrink_to_fit_the_message_size_limit() -> None:
+    limit = 10_000
+    small = _outcome(orjson.dumps({"id": "a", "text": "hi", "lang": "en"}))
+    assert orjson.loads(codecs.encode_outcome(small, limit))["meta"] == {"lang": "en"}
+
+    big_meta = _outcome(orjson.dumps({"id": "a", "text": "hi", "blob": "x" * 50_000}))
+    out = codecs.encode_outcome(big_meta, limit)
+    assert len(out) <= limit and orjson.loads(out)["meta_dropped"] is True
+    assert orjson.loads(out)["id"] == "a"
+
+    big_dlq = _outcome(b"\xff" * 50_000)
+    out = codecs.encode_outcome(big_dlq, limit)
+    value = orjson.loads(out)
+    assert len(out) <= limit and value["original_truncated"] and value["original_size"] == 50_000
+    assert b"\xff" * 100 in base64.b64decode(value["original_b64"])
+
+    huge_id = _outcome(orjson.dumps({"id": "i" * 50_000, "text": "hi"}))
+    out = codecs.encode_outcome(huge_id, limit)
+    assert len(out) <= limit and orjson.loads(out)["truncated"] is True
 
 
 def test_json_log_lines_carry_extras_and_exceptions() -> None:

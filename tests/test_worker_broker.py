@@ -8,7 +8,6 @@ input topic may lie past an input that has no verdict or dead letter yet.
 from __future__ import annotations
 
 import asyncio
-import base64
 import signal
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from tests.fixtures_broker import (
     read_outputs,
     worker_env,
 )
-from tests.test_worker_memory import HOSTILE
+from tests.test_worker_memory import HOSTILE, check_original
 
 pytestmark = pytest.mark.broker
 
@@ -85,7 +84,7 @@ async def test_hostile_mix_through_the_broker_one_output_each_with_health_metric
             assert "p_hateful" in o and o["threshold"] == 0.5
         else:
             assert o["reason"] == reason
-            assert base64.b64decode(o["original_b64"]) == (value or b"")
+            check_original(o, value)
         topic = topics.verdicts if reason is None else topics.dlq
         index = HOSTILE.index((value, reason))
         assert out.keys[(topic, partition, offset)] == f"k{index}".encode()
@@ -96,13 +95,18 @@ async def test_hostile_mix_through_the_broker_one_output_each_with_health_metric
 
     metrics = worker.get("/metrics")
     assert 'moderation_dead_letters_total{reason="scoring_failed"} 1.0' in metrics
-    assert 'moderation_dead_letters_total{reason="not_utf8"} 1.0' in metrics
+    assert 'moderation_dead_letters_total{reason="not_utf8"} 2.0' in metrics
     assert f"moderation_events_in_total {float(len(HOSTILE))}" in metrics
     assert "moderation_batch_fill_ratio_count" in metrics
     assert "moderation_end_to_end_latency_seconds_bucket" in metrics
     assert "faust_messages_received" in metrics  # Faust's own sensor on the same page
     status, body = worker.health()
     assert status == 200 and body["status"] == "ready"
+    deadline = time.monotonic() + 8  # the lag gauge is refreshed by a 5 s timer
+    while "moderation_consumer_lag{" not in worker.get("/metrics"):
+        assert time.monotonic() < deadline, "consumer lag never exported"
+        await asyncio.sleep(0.5)
+    assert 'moderation_consumer_lag{partition="0",topic=' in worker.get("/metrics")
 
     assert worker.stop() == 0
     records = worker.log_lines()
