@@ -339,6 +339,43 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Wire the adapters into `bench` (the core never imports them) and run it."""
+    from adapters.model_sources import load_model_source
+
+    from .bench import SECTIONS, BenchEdges, BenchOptions, run_bench, run_child, shell_command
+
+    if args.child:  # one thread-settings variant, in a fresh process
+        print(orjson.dumps(run_child(orjson.loads(args.child), load_model_source)).decode())
+        return 0
+    edges = BenchEdges(load_model=load_model_source)
+    try:
+        from adapters.pipeline_bench import measure_pipeline
+        from adapters.tansu import TansuBroker
+
+        from .settings import Settings
+        from .trivial_scorer import TrivialScorer
+
+        edges.measure_pipeline, edges.broker = measure_pipeline, TansuBroker
+        edges.trivial_scorer = lambda n: TrivialScorer(batch_size=n)
+        edges.settings = Settings
+    except ImportError as exc:
+        print(f"bench: pipeline not measured ({exc})", file=sys.stderr)
+    overrides: dict[str, Any] = {"out": Path(args.out), "command": shell_command(sys.argv[1:])}
+    if args.model:
+        overrides["model"] = args.model
+    if args.batch_sizes:
+        overrides["batch_sizes"] = tuple(int(b) for b in args.batch_sizes.split(","))
+    if args.repeats:
+        overrides["repeats"] = args.repeats
+    if args.sections:
+        overrides["sections"] = tuple(s for s in args.sections.split(",") if s in SECTIONS)
+    options = BenchOptions.quick_defaults(**overrides) if args.quick else BenchOptions(**overrides)
+    run_bench(options, edges)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -421,6 +458,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the effective settings")
     p.add_argument("--config", default=None, help="TOML settings file")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("bench", help="speed: naive vs batched vs label head, tuning, pipeline")
+    p.add_argument("--quick", action="store_true", help="tiny model, tiny counts (< 60 s)")
+    p.add_argument("--model", default=None, help="model source (default gemma3-270m; quick: tiny)")
+    p.add_argument("--out", default="BENCHMARKS.md", help="markdown file to write")
+    p.add_argument("--batch-sizes", default=None, help="comma-separated, default 1,8,32,64")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (median reported)")
+    p.add_argument("--sections", default=None, help="subset of scoring,tuning,threads,pipeline")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
