@@ -20,9 +20,7 @@ def test_measure_pipeline_reports_throughput_fill_and_latency(broker: BrokerInfo
         batch_size=8,
         max_wait_ms=50,
         input_partitions=2,
-        session_timeout_s=3,
-        heartbeat_interval_s=0.5,
-        rebalance_timeout_s=3,
+        **broker.group_timing,
     )
     result = measure_pipeline(
         settings,
