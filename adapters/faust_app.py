@@ -422,4 +422,5 @@ def run_worker(
         logging_config=logging_config(settings.log_level),
         quiet=True,
     )
+    worker.spinner = None  # terminal escapes have no place in structured logs
     worker.execute_from_commandline()

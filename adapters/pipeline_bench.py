@@ -147,6 +147,7 @@ async def _measure(
     worker = _InProcessWorker(
         app, loop=asyncio.get_running_loop(), quiet=True, override_logging=False
     )
+    worker.spinner = None
     worker_task = asyncio.ensure_future(worker.start())
     try:
         deadline = time.monotonic() + 60
