@@ -347,6 +347,43 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Wire the adapters into `bench` (the core never imports them) and run it."""
+    from adapters.model_sources import load_model_source
+
+    from .bench import SECTIONS, BenchEdges, BenchOptions, run_bench, run_child, shell_command
+
+    if args.child:  # one thread-settings variant, in a fresh process
+        print(orjson.dumps(run_child(orjson.loads(args.child), load_model_source)).decode())
+        return 0
+    edges = BenchEdges(load_model=load_model_source)
+    try:
+        from adapters.pipeline_bench import measure_pipeline
+        from adapters.tansu import TansuBroker
+
+        from .settings import Settings
+        from .trivial_scorer import TrivialScorer
+
+        edges.measure_pipeline, edges.broker = measure_pipeline, TansuBroker
+        edges.trivial_scorer = lambda n: TrivialScorer(batch_size=n)
+        edges.settings = Settings
+    except ImportError as exc:
+        print(f"bench: pipeline not measured ({exc})", file=sys.stderr)
+    overrides: dict[str, Any] = {"out": Path(args.out), "command": shell_command(sys.argv[1:])}
+    if args.model:
+        overrides["model"] = args.model
+    if args.batch_sizes:
+        overrides["batch_sizes"] = tuple(int(b) for b in args.batch_sizes.split(","))
+    if args.repeats:
+        overrides["repeats"] = args.repeats
+    if args.sections:
+        overrides["sections"] = tuple(s for s in args.sections.split(",") if s in SECTIONS)
+    options = BenchOptions.quick_defaults(**overrides) if args.quick else BenchOptions(**overrides)
+    run_bench(options, edges)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
