@@ -880,6 +880,14 @@ def cpu_flags() -> str:
     return "unknown"
 
 
+def load_average() -> str:
+    """1-minute load average: above the core count, something else competed for the CPU."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "unknown"
+
+
 def other_load() -> str:
     """Heavy jobs sharing the machine right now (a LoRA training run skews every timing)."""
     found = []
@@ -944,6 +952,8 @@ class BenchReport:
     versions: dict[str, str]
     load_before: str
     load_after: str = ""
+    loadavg_before: str = field(default_factory=load_average)
+    loadavg_after: str = ""
     model_name: str = ""
     model_config: dict[str, Any] = field(default_factory=dict)
     flops: FlopCount | None = None
@@ -983,7 +993,8 @@ def render(report: BenchReport) -> str:
         ]
     lines += [
         f"- Command: `{o.command}`",
-        f"- Date: {report.started} (took {report.seconds:.0f} s)",
+        f"- Date: {report.started} (took {report.seconds:.0f} s); 1-min load average "
+        f"{report.loadavg_before} at the start, {report.loadavg_after} at the end",
         f"- Machine: {m['cpu']}, {m['cores']} cores, {_fmt(m['memory_gib'], 1)} GiB; "
         f"SIMD: {m['flags']}; {m['platform']}",
         f"- Accelerator: none (no GPU lent to this task); Keras backend: {m['backend']}",
@@ -1174,6 +1185,7 @@ def run_bench(options: BenchOptions, edges: BenchEdges) -> BenchReport:
     def save() -> None:
         report.seconds = time.perf_counter() - started
         report.load_after = other_load()
+        report.loadavg_after = load_average()
         Path(options.out).write_text(render(report), encoding="utf-8")
 
     log(f"loading model {options.model}")
