@@ -184,7 +184,7 @@ def build_classifier(
     prompt=None,
     dtype: str | None = None,
 ) -> AgileClassifier:
-    """Model source + LoRA weights + threshold -> a ready classifier (what the CLI and worker run)."""
+    """Model source + LoRA weights + threshold -> a ready classifier (for the CLI and worker)."""
     base = load_model_source(model, dtype)
     return AgileClassifier(
         base,

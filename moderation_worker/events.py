@@ -84,7 +84,10 @@ class ModelIdentity:
 
 @dataclass(frozen=True)
 class Verdict:
-    """One decision about one comment. `p_hateful` is the softmax probability of the positive label."""
+    """One decision about one comment.
+
+    `p_hateful` is the softmax probability of the positive label among the label tokens.
+    """
 
     id: str
     p_hateful: float
@@ -140,7 +143,7 @@ class DeadLetter:
 
 def utc_now() -> str:
     """ISO-8601 UTC timestamp with milliseconds, the format of `scored_at`."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
 
 
 def parse_comment(raw: bytes | str, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) -> Comment:

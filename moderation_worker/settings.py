@@ -36,7 +36,9 @@ class Settings(BaseSettings):
     )
 
     # Kafka edge
-    broker_url: str = Field("kafka://localhost:9092", description="Kafka bootstrap URL(s), ;-separated")
+    broker_url: str = Field(
+        "kafka://localhost:9092", description="Kafka bootstrap URL(s), ;-separated"
+    )
     app_id: str = Field("moderation-worker", description="Faust app id; also the consumer group")
     input_topic: str = "comments"
     verdict_topic: str = "comments.verdicts"

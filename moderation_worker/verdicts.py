@@ -52,7 +52,7 @@ def make_verdicts(
     now = utc_now()
     sources = sources if sources is not None else [None] * len(comments)
     out = []
-    for comment, p, source in zip(comments, p_pos, sources):
+    for comment, p, source in zip(comments, p_pos, sources, strict=True):
         hateful = bool(p >= threshold)
         out.append(
             Verdict(

@@ -34,7 +34,7 @@ def test_every_row_is_fixed_length_and_ends_with_the_question(encoder) -> None:
     batch = encoder.encode(texts)
     assert batch.token_ids.shape == (4, 128)
     tail = encoder.tail_ids
-    for row, last in zip(batch.token_ids, batch.last_index):
+    for row, last in zip(batch.token_ids, batch.last_index, strict=True):
         assert list(row[: len(encoder.head_ids)]) == encoder.head_ids
         assert list(row[last + 1 - len(tail) : last + 1]) == tail
     assert batch.padding_mask.sum(axis=1).tolist() == (batch.last_index + 1).tolist()

@@ -95,6 +95,4 @@ def test_length_buckets_give_the_same_probabilities(tiny_model) -> None:
     needed = int(batch.last_index.max()) + 1
     cut = batch.cut_to(bucketed.length_buckets).token_ids.shape[1]
     assert cut == min(b for b in (48, 64, 128) if b >= needed) and cut < 128
-    np.testing.assert_allclose(
-        bucketed.predict_proba(TEXTS), fixed.predict_proba(TEXTS), atol=1e-5
-    )
+    np.testing.assert_allclose(bucketed.predict_proba(TEXTS), fixed.predict_proba(TEXTS), atol=1e-5)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
+import tomllib
 
 import numpy as np
 import pytest
-import tomllib
 
 from moderation_worker.settings import read_threshold_file
 from moderation_worker.thresholds import (
