@@ -384,6 +384,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Embedded broker + the real worker + sample stream + summary table (adapters/demo.py)."""
+    from adapters.demo import DemoConfig, run_demo_command
+
+    config = DemoConfig(
+        input_file=Path(args.input) if args.input else None,
+        ethos=Path(args.ethos) if args.ethos else None,
+        limit=args.limit,
+        rate=args.rate,
+        with_bad_events=args.with_bad_events,
+        broker=args.broker,
+        model=args.model,
+        lora=None if str(args.lora).lower() == "none" else args.lora,
+        batch_size=args.batch_size,
+        out=Path(args.out),
+        timeout_s=args.timeout,
+        config_file=args.config,
+    )
+    return run_demo_command(config)
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -476,6 +498,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sections", default=None, help="subset of scoring,tuning,threads,pipeline")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="embedded broker + real worker + sample stream -> summary")
+    _add_model_args(p)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--input", default=None, help="CSV/JSONL with text, optional label, id")
+    source.add_argument("--ethos", default=None, help="ETHOS CSV: stream its test split")
+    p.add_argument("--limit", type=int, default=None, help="stream only the first N comments")
+    p.add_argument("--rate", type=float, default=None, help="events/s (default: unthrottled)")
+    p.add_argument(
+        "--with-bad-events",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="inject an invalid-JSON and an empty-text event, to show the dead-letter topic",
+    )
+    p.add_argument("--broker", default=None, help="a real broker URL instead of embedded Tansu")
+    p.add_argument("--out", default="runs/demo/verdicts.jsonl", help="verdicts JSONL to write")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for outcomes")
+    p.add_argument("--config", default=None, help="TOML settings file for the worker")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
