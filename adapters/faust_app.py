@@ -385,23 +385,33 @@ def worker_state(app: faust.App) -> WorkerState:
     return app.moderation  # type: ignore[attr-defined,no-any-return]
 
 
+def model_threshold(model: ProbabilityModel, explicit: float | None = None) -> float:
+    """The threshold a model brings: `explicit`, else its own calibrated one, else 0.5."""
+    if explicit is not None:
+        return float(explicit)
+    return float(getattr(model, "threshold", 0.5))
+
+
 def run_worker(
     settings: Settings,
     model_factory: Callable[[], ProbabilityModel],
-    threshold_fallback: float = 0.5,
+    threshold_fallback: float | None = None,
     *,
     reload_settings: Callable[[], Settings] | None = None,
 ) -> None:
     """Run one worker until SIGTERM/SIGINT (blocking); SIGHUP reloads the threshold.
 
     The model is loaded before the worker joins the consumer group, so a slow load does not
-    hold partitions hostage or trigger a rebalance.
+    hold partitions hostage or trigger a rebalance. Without `threshold`/`threshold_file` in
+    the settings, the threshold is `threshold_fallback`, else the model's own (the one
+    calibrated into its LoRA weights' metadata), else 0.5.
     """
     logging.config.dictConfig(logging_config(settings.log_level))
     log.info("worker starting", extra={"settings": settings.public_dict()})
     started = time.perf_counter()
     model = model_factory()
     log.info("model loaded", extra={"seconds": round(time.perf_counter() - started, 3)})
+    threshold_fallback = model_threshold(model, threshold_fallback)
     app = build_app(
         settings, model, threshold_fallback=threshold_fallback, reload_settings=reload_settings
     )

@@ -112,3 +112,16 @@ def test_bad_training_input(tiny_model) -> None:
         train_lora(tiny_model.backbone, encoder, ["a"], np.array([2]), verbose=0)
     with pytest.raises(ValueError, match="no training examples"):
         train_lora(tiny_model.backbone, encoder, [], np.array([], dtype=int), verbose=0)
+
+
+def test_worker_falls_back_to_the_threshold_calibrated_into_the_lora_weights(tmp_path) -> None:
+    from adapters.faust_app import ThresholdHolder, model_threshold
+    from moderation_worker.settings import Settings
+
+    _, _, path = fit_tiny(tmp_path, epochs=1)
+    clf = AgileClassifier(build_tiny_model(seed=0), lora_weights=path, batch_size=4)
+    fallback = model_threshold(clf)
+    assert fallback == 0.4
+    assert ThresholdHolder(Settings(), fallback)() == 0.4  # nothing in config: the LoRA one
+    assert ThresholdHolder(Settings(threshold=0.7), fallback)() == 0.7  # config wins
+    assert model_threshold(clf, 0.2) == 0.2
