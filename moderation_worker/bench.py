@@ -574,11 +574,17 @@ class TuningRow:
 
 
 def measure_tuning(
-    model: LoadedModel, options: BenchOptions, texts: Sequence[str], flops: FlopCount
+    model: LoadedModel,
+    options: BenchOptions,
+    texts: Sequence[str],
+    flops: FlopCount,
+    rows: list[TuningRow],
 ) -> list[TuningRow]:
-    """XLA on/off, float32 vs bfloat16 and length buckets, each beside its own baseline."""
+    """XLA on/off, float32 vs bfloat16, prefix cache and length buckets, each beside its baseline.
+
+    Rows are appended to `rows` as they are measured, so a failure keeps the earlier ones.
+    """
     encoder = PromptEncoder(model.tokenizer, PromptSettings())
-    rows: list[TuningRow] = []
     b = options.tuning_batch
 
     # XLA: the baseline is the default ("auto" = XLA on TF), then the same graph without it.
@@ -814,11 +820,10 @@ class PipelineRow:
 
 
 def measure_pipelines(
-    model: LoadedModel, options: BenchOptions, edges: BenchEdges
+    model: LoadedModel, options: BenchOptions, edges: BenchEdges, rows: list[PipelineRow]
 ) -> list[PipelineRow]:
     """Trivial vs real scorer through the embedded broker; paced below capacity and overload."""
     assert edges.measure_pipeline and edges.broker and edges.trivial_scorer and edges.settings
-    rows: list[PipelineRow] = []
     batch = options.tuning_batch
     n_trivial, n_real = options.pipeline_events
     with edges.broker() as broker:
@@ -1218,7 +1223,13 @@ def run_bench(options: BenchOptions, edges: BenchEdges) -> BenchReport:
         report.scoring = measure_scoring(model, options, texts, flops)
         save()
     if "tuning" in options.sections:
-        report.tuning = measure_tuning(model, options, texts, flops)
+        try:
+            measure_tuning(model, options, texts, flops, report.tuning)
+        except Exception as exc:  # keep the other sections' numbers
+            log(f"tuning failed: {exc!r}")
+            report.tuning.append(
+                TuningRow("(failed)", type(exc).__name__, 0, float("nan"), None, str(exc)[:200])
+            )
         save()
     if "threads" in options.sections:
         report.threads = measure_threads(options, edges)
@@ -1229,8 +1240,12 @@ def run_bench(options: BenchOptions, edges: BenchEdges) -> BenchReport:
                 "Not measured: `adapters.pipeline_bench.measure_pipeline` is not available."
             )
         else:
-            report.pipeline = measure_pipelines(model, options, edges)
-            report.pipeline_note = pipeline_summary(report)
+            try:
+                measure_pipelines(model, options, edges, report.pipeline)
+                report.pipeline_note = pipeline_summary(report)
+            except Exception as exc:  # keep the other sections' numbers
+                log(f"pipeline failed: {exc!r}")
+                report.pipeline_note = f"Pipeline run failed: `{exc!r}`"[:400]
         save()
     save()
     log(f"wrote {options.out} in {report.seconds:.0f} s")
