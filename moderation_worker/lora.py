@@ -99,6 +99,7 @@ def save_lora(backbone: keras.Model, path: str | Path, metadata: LoraMetadata) -
         backbone.save_lora_weights(tmp_weights)
         tmp_meta = Path(tmp_weights).with_suffix(".json.tmp")
         tmp_meta.write_bytes(orjson.dumps(metadata.to_dict(), option=orjson.OPT_INDENT_2))
+        os.chmod(tmp_weights, 0o644)  # mkstemp makes 0600; weights are read by other users
         os.replace(tmp_weights, weights_path)
         os.replace(tmp_meta, meta_path)
     finally:

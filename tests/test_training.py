@@ -52,6 +52,7 @@ def test_saved_lora_reloads_onto_a_fresh_base_with_identical_probabilities(tmp_p
     trained = AgileClassifier(model, batch_size=4).predict_proba(TEXTS)
     weights, meta = lora_paths(path)
     assert weights.stat().st_size < 200_000 and meta.is_file()  # kilobytes, not a base model
+    assert weights.stat().st_mode & 0o777 == 0o644
 
     reloaded = AgileClassifier(build_tiny_model(seed=0), lora_weights=path, batch_size=4)
     np.testing.assert_allclose(reloaded.predict_proba(TEXTS), trained, atol=1e-6)
