@@ -180,20 +180,19 @@ def train_lora(
     history: dict[str, list[float]] = {}
     start = time.perf_counter()
     for epoch in range(config.epochs):
-        bar = keras.utils.Progbar(
-            len(batches), verbose=verbose, stateful_metrics=["loss", "accuracy"]
-        )
+        bar = keras.utils.Progbar(len(batches), verbose=verbose)
         if verbose:
             print(f"Epoch {epoch + 1}/{config.epochs}", flush=True)
-        model.reset_metrics()
-        logs: dict[str, float] = {}
+        sums: dict[str, float] = {}
         for step in range(len(batches)):
             inputs, y, weights = batches[step]
-            # Keras metrics are running means since reset_metrics(): the last logs of an
-            # epoch are that epoch's means.
+            # train_on_batch reports this batch's values; the Progbar and `sums` average them.
             logs = model.train_on_batch(inputs, y, sample_weight=weights, return_dict=True)
-            bar.update(step + 1, values=[(k, float(v)) for k, v in logs.items()])
-        means = {k: float(v) for k, v in logs.items()}
+            values = [(k, float(v)) for k, v in logs.items()]
+            for key, value in values:
+                sums[key] = sums.get(key, 0.0) + value
+            bar.update(step + 1, values=values)
+        means = {k: v / len(batches) for k, v in sums.items()}
         for key, value in means.items():
             history.setdefault(key, []).append(value)
         batches.on_epoch_end()

@@ -126,3 +126,23 @@ def test_worker_falls_back_to_the_threshold_calibrated_into_the_lora_weights(tmp
     assert ThresholdHolder(Settings(), fallback)() == 0.4  # nothing in config: the LoRA one
     assert ThresholdHolder(Settings(threshold=0.7), fallback)() == 0.7  # config wins
     assert model_threshold(clf, 0.2) == 0.2
+
+
+def test_history_holds_epoch_means_not_the_last_batch(tiny_model, monkeypatch) -> None:
+    from moderation_worker.scoring import LabelTokenModel
+
+    seen: list[float] = []
+    original = LabelTokenModel.train_on_batch
+
+    def recording(self, *args, **kwargs):
+        logs = original(self, *args, **kwargs)
+        seen.append(float(logs["loss"]))
+        return logs
+
+    monkeypatch.setattr(LabelTokenModel, "train_on_batch", recording)
+    encoder = PromptEncoder(tiny_model.tokenizer, PromptSettings())
+    config = TrainingConfig(epochs=2, batch_size=4, learning_rate=1e-2, loss="labels")
+    result = train_lora(tiny_model.backbone, encoder, TEXTS, LABELS, config, verbose=0)
+    assert len(seen) == 12
+    assert result.history["loss"] == pytest.approx([np.mean(seen[:6]), np.mean(seen[6:])])
+    assert result.history["loss"][0] != pytest.approx(seen[5])  # not the last batch
