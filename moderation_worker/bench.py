@@ -894,17 +894,26 @@ def load_average() -> str:
 
 
 def other_load() -> str:
-    """Heavy jobs sharing the machine right now (a LoRA training run skews every timing)."""
+    """Other moderation-worker jobs on the machine right now (training, scoring, evaluation).
+
+    On a shared machine these skew every timing; the report names them. The bench's own
+    process and its thread-variant children are left out.
+    """
+    own = {os.getpid(), os.getppid()}
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            args = cmdline.read_bytes().split(b"\0")
-        except OSError:
+            pid = int(cmdline.parent.name)
+            args = [a.decode("utf-8", "replace") for a in cmdline.read_bytes().split(b"\0") if a]
+        except (OSError, ValueError):
             continue
-        text = b" ".join(args).decode("utf-8", "replace")
-        if "moderation-worker" in text and " train" in text:
-            found.append(f"pid {cmdline.parent.name}: moderation-worker train")
-    return "; ".join(found)
+        if pid in own or not any(a.endswith("moderation-worker") for a in args[:3]):
+            continue
+        sub = next((a for a in args[1:] if not a.startswith("-") and "/" not in a), "")
+        if sub == "bench":
+            continue
+        found.append(f"pid {pid}: moderation-worker {sub}")
+    return "; ".join(sorted(found))
 
 
 def versions() -> dict[str, str]:
