@@ -183,6 +183,7 @@ def build_classifier(
     batch_size: int = 8,
     prompt=None,
     dtype: str | None = None,
+    length_buckets: tuple[int, ...] | None = None,
 ) -> AgileClassifier:
     """Model source + LoRA weights + threshold -> a ready classifier (for the CLI and worker)."""
     base = load_model_source(model, dtype)
@@ -192,4 +193,5 @@ def build_classifier(
         lora_weights=resolve_lora(model, lora_weights),
         threshold=threshold,
         batch_size=batch_size,
+        length_buckets=length_buckets,
     )

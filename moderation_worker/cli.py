@@ -338,7 +338,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         if settings.sequence_length != PromptSettings().sequence_length:
             prompt = PromptSettings(sequence_length=settings.sequence_length)
         return build_classifier(
-            settings.model, settings.lora_weights, batch_size=settings.batch_size, prompt=prompt
+            settings.model,
+            settings.lora_weights,
+            batch_size=settings.batch_size,
+            prompt=prompt,
+            length_buckets=settings.length_buckets,
         )
 
     # SIGHUP re-reads the config file and environment, so a threshold edited in either

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
         DEFAULT_LORA, description="LoRA weights file, 'default' (shipped), or 'none' (zero-shot)"
     )
     sequence_length: int = Field(128, ge=16, le=8192)
+    length_buckets: tuple[int, ...] = Field(
+        (32, 64, 96),
+        description="shorter shapes a batch is cut to when its prompts fit (exact; () = off)",
+    )
     model_retries: int = Field(
         3, ge=0, description="retries of a batch when the model fails even on a known-good text"
     )
@@ -87,6 +91,13 @@ class Settings(BaseSettings):
         if not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    @field_validator("length_buckets")
+    @classmethod
+    def _positive_buckets(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(b < 8 for b in value):
+            raise ValueError(f"length buckets must be >= 8 tokens, got {value}")
+        return tuple(sorted(set(value)))
 
     @model_validator(mode="after")
     def _distinct_topics(self) -> Settings:

