@@ -40,6 +40,8 @@ class AgileClassifier:
         threshold: decision threshold on p(positive label); default: the LoRA metadata's
             calibrated threshold, else 0.5.
         batch_size: rows per model call; every call has exactly this shape.
+        jit_compile: XLA-compile the forward pass. On by default: Keras's "auto" leaves XLA off
+            for TensorFlow on a CPU, and XLA measured 1.36x faster there (BENCHMARKS.md).
         length_buckets: optional shorter sequence lengths (e.g. `(32, 64)`): a batch whose
             longest prompt fits a bucket is cut to it. Exact (right padding, causal attention)
             and one compiled graph per bucket; pays off when most comments are short.
@@ -57,7 +59,7 @@ class AgileClassifier:
         lora_weights: str | Path | None = None,
         threshold: float | None = None,
         batch_size: int = 8,
-        jit_compile: bool | str = "auto",
+        jit_compile: bool | str = True,
         length_buckets: Sequence[int] | None = None,
     ) -> None:
         if batch_size < 1:
