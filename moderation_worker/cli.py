@@ -363,7 +363,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     edges = BenchEdges(load_model=load_model_source)
     try:
-        from adapters.pipeline_bench import measure_pipeline
+        from adapters.pipeline_bench import bench_texts, measure_pipeline
         from adapters.tansu import TansuBroker
 
         from .settings import Settings
@@ -371,7 +371,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         edges.measure_pipeline, edges.broker = measure_pipeline, TansuBroker
         edges.trivial_scorer = lambda n: TrivialScorer(batch_size=n)
-        edges.settings = Settings
+        edges.settings, edges.pipeline_texts = Settings, bench_texts
     except ImportError as exc:
         print(f"bench: pipeline not measured ({exc})", file=sys.stderr)
     overrides: dict[str, Any] = {"out": Path(args.out), "command": shell_command(sys.argv[1:])}
