@@ -7,12 +7,16 @@ them); outputs are JSON objects encoded with orjson, which is fast and round-tri
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from faust.serializers import codecs
 
 from moderation_worker.batching import Outcome
+from moderation_worker.events import SCHEMA_VERSION
 
 CODEC_NAME = "orjson"
 
@@ -27,7 +31,31 @@ def loads(data: bytes | str) -> Any:
 
 #: Kafka's default max message size is 1 MiB and aiokafka's `max_request_size` 1,000,000 bytes.
 DEFAULT_MAX_VALUE_BYTES = 1_000_000 - 4_096
+DEFAULT_MAX_REQUEST_BYTES = 1_000_000
 _KEEP_CHARS = 1_000
+#: Keys longer than this are replaced by their hash on outputs: a key is for partitioning and
+#: joining, and an input key near the size limit would leave no room for the verdict.
+MAX_KEY_BYTES = 4_096
+#: Input headers copied to an output, in total; past it only trace context is kept.
+MAX_COPIED_HEADER_BYTES = 64 * 1024
+#: Framing of a record (offsets, lengths, attributes, header counts) beyond key/value/headers.
+_RECORD_OVERHEAD_BYTES = 512
+HEADER_PREFIX = "x-moderation-"
+_TRACE_HEADERS = ("traceparent", "tracestate", "baggage")
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    """One record ready for the producer: verdict or dead letter, key, headers."""
+
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+    @property
+    def size(self) -> int:
+        header_bytes = sum(len(k.encode("utf-8", "replace")) + len(v) for k, v in self.headers)
+        return len(self.key or b"") + len(self.value) + header_bytes + _RECORD_OVERHEAD_BYTES
 
 
 def outcome_value(outcome: Outcome[Any]) -> dict[str, Any]:
@@ -38,18 +66,106 @@ def outcome_value(outcome: Outcome[Any]) -> dict[str, Any]:
     return outcome.dead_letter.to_dict()
 
 
+def build_record(
+    outcome: Outcome[Any], max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+) -> OutputRecord:
+    """The output record for an outcome, guaranteed to fit `max_request_bytes`.
+
+    Whatever the input's key, headers or fields, its output must be publishable: otherwise
+    the producer refuses it, the batch is never acknowledged, and every worker that takes
+    over the partition fails on the same record. So an oversized key is replaced by its
+    SHA-256 (the original's hash stays in the value and a header), oversized copied headers
+    are dropped except trace context, and the value sheds weight (see `encode_outcome`).
+    """
+    value = outcome_value(outcome)
+    key = outcome.event.key
+    if key is not None and len(key) > MAX_KEY_BYTES:
+        digest = hashlib.sha256(key).hexdigest()
+        value["original_key_sha256"] = digest
+        key = b"sha256:" + digest.encode("ascii")
+    headers = copied_headers(outcome.event.headers) + moderation_headers(outcome, value)
+    record = OutputRecord(key, b"", headers)
+    budget = max(1_024, max_request_bytes - record.size)
+    return OutputRecord(key, encode_value(value, outcome, budget), headers)
+
+
+def minimal_record(outcome: Outcome[Any]) -> OutputRecord:
+    """The smallest record that still says what became of an event (no meta, no copied
+    headers, the original bytes left out, a long key hashed), for when a full one is refused."""
+    value = outcome_value(outcome)
+    value.pop("meta", None)
+    value["minimal"] = True
+    if "original_b64" in value:
+        value["original_size"] = len(outcome.event.raw)
+        value["original_b64"] = ""
+        value["original_truncated"] = True
+    for field in ("id", "error"):
+        if isinstance(value.get(field), str) and len(value[field]) > _KEEP_CHARS:
+            value[field] = value[field][:_KEEP_CHARS]
+            value["truncated"] = True
+    key = outcome.event.key
+    if key is not None and len(key) > 256:
+        digest = hashlib.sha256(key).hexdigest()
+        value["original_key_sha256"] = digest
+        key = b"sha256:" + digest.encode("ascii")
+    return OutputRecord(key, orjson.dumps(value), moderation_headers(outcome, value))
+
+
+def copied_headers(headers: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """The input's headers to pass on: all of them (ours, `x-moderation-*`, excepted, so an
+    input cannot forge them), or only trace context when together they are too large."""
+    kept = [(k, v) for k, v in headers if not k.lower().startswith(HEADER_PREFIX)]
+    if sum(len(k) + len(v) for k, v in kept) <= MAX_COPIED_HEADER_BYTES:
+        return kept
+    trace = [(k, v) for k, v in kept if k.lower() in _TRACE_HEADERS and len(v) <= 8_192]
+    return trace + [(HEADER_PREFIX + "headers-dropped", str(len(kept) - len(trace)).encode())]
+
+
+def moderation_headers(outcome: Outcome[Any], value: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """`x-moderation-*` headers: what the record is and which model and threshold made it."""
+    out = [(HEADER_PREFIX + "schema-version", str(SCHEMA_VERSION).encode())]
+    if outcome.verdict is not None:
+        verdict = outcome.verdict
+        out += [
+            (HEADER_PREFIX + "outcome", b"verdict"),
+            (HEADER_PREFIX + "model", verdict.model.base_model.encode("utf-8")),
+            (HEADER_PREFIX + "lora-sha256", (verdict.model.lora_sha256 or "").encode("ascii")),
+            (HEADER_PREFIX + "threshold", repr(verdict.threshold).encode("ascii")),
+        ]
+    else:
+        assert outcome.dead_letter is not None
+        out += [
+            (HEADER_PREFIX + "outcome", b"dead_letter"),
+            (HEADER_PREFIX + "reason", outcome.dead_letter.reason.encode("utf-8")),
+        ]
+    if "original_key_sha256" in value:
+        out.append((HEADER_PREFIX + "original-key-sha256", value["original_key_sha256"].encode()))
+    return out
+
+
 def encode_outcome(outcome: Outcome[Any], max_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> bytes:
-    """orjson bytes of the outcome, shrunk to fit `max_bytes`.
+    """orjson bytes of the outcome's value, shrunk to fit `max_bytes` (see `encode_value`)."""
+    return encode_value(outcome_value(outcome), outcome, max_bytes)
+
+
+def encode_value(value: dict[str, Any], outcome: Outcome[Any], max_bytes: int) -> bytes:
+    """orjson bytes of `value`, shrunk to fit `max_bytes`; never raises for a valid event.
 
     An input near the broker's size limit would otherwise produce an output over it (a dead
     letter's base64 is 4/3 of the input; a verdict repeats the input's other fields), the
     producer would refuse it, and the worker would crash on the same record after every
     restart. So the output sheds weight instead, and says so: a verdict drops `meta`
     (`meta_dropped`), a dead letter cuts `original_b64` (`original_truncated`, with the
-    original size), and as a last resort long strings are cut (`truncated`).
+    original size), and as a last resort long strings are cut (`truncated`). A `meta` that
+    cannot be encoded at all (too deep, say) is dropped with the reason (`meta_error`).
     """
-    value = outcome_value(outcome)
-    data = orjson.dumps(value)
+    try:
+        data = orjson.dumps(value)
+    except orjson.JSONEncodeError as exc:
+        value.pop("meta", None)
+        value["meta_dropped"] = True
+        value["meta_error"] = str(exc)[:200]
+        data = orjson.dumps(value)
     if len(data) <= max_bytes:
         return data
     if "meta" in value:

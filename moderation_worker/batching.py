@@ -18,6 +18,7 @@ comment dead-letters itself, not its neighbours.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -30,6 +31,7 @@ import numpy as np
 import orjson
 
 from .events import (
+    DEFAULT_MAX_DEPTH,
     DEFAULT_MAX_TEXT_CHARS,
     SCORING_FAILED,
     Comment,
@@ -60,7 +62,8 @@ class InputEvent(Generic[H]):
     """One consumed record, validated on arrival so the batcher can count scorable rows.
 
     `handle` is whatever the transport needs to acknowledge the record (a Faust event, an
-    offset); the core never looks inside it.
+    offset); the core never looks inside it. `headers` are the record's headers, passed on to
+    its verdict or dead letter so tracing (e.g. W3C `traceparent`) survives the worker.
     """
 
     raw: bytes
@@ -71,6 +74,7 @@ class InputEvent(Generic[H]):
     produced_at: float | None
     comment: Comment | None
     error: InvalidEvent | None
+    headers: tuple[tuple[str, bytes], ...] = ()
 
     @property
     def scorable(self) -> bool:
@@ -86,20 +90,23 @@ def admit(
     received_at: float,
     produced_at: float | None = None,
     max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    headers: Sequence[tuple[str, bytes | None]] | None = None,
 ) -> InputEvent[H]:
     """Validate a raw record into an `InputEvent`. Never raises: bad input carries its error.
 
     A tombstone (`None` value) is treated as empty bytes, so it dead-letters as invalid JSON
-    instead of disappearing.
+    instead of disappearing. A header with a `None` value keeps its name with empty bytes.
     """
     data = b"" if raw is None else bytes(raw)
     comment: Comment | None = None
     error: InvalidEvent | None = None
     try:
-        comment = parse_comment(data, max_text_chars)
+        comment = parse_comment(data, max_text_chars, max_depth)
     except InvalidEvent as exc:
         error = exc
-    return InputEvent(data, key, source, handle, received_at, produced_at, comment, error)
+    kept = tuple((str(name), bytes(value or b"")) for name, value in headers or ())
+    return InputEvent(data, key, source, handle, received_at, produced_at, comment, error, kept)
 
 
 @dataclass(frozen=True, eq=False)
@@ -271,7 +278,11 @@ class BatchProcessor:
         threshold: the decision threshold, or a callable read once per batch (SIGHUP reload).
         batch_size: rows per model call; default `model.batch_size`.
         canary_text: a known-good text scored when every row of a batch failed, to tell a
-            poisonous batch (dead letters) from a broken model (`ModelUnavailable`).
+            poisonous batch (dead letters) from a broken model (`ModelUnavailable`). A model
+            with several compiled shapes (length buckets) offers `canary_texts()`, one text per
+            shape, and all of them are tried: a failure of one shape is the model's, not the
+            comments'.
+        clock: the monotonic clock `InputEvent.received_at` was taken with (for `latency_ms`).
 
     Example:
         processor = BatchProcessor(TrivialScorer(batch_size=8), threshold=0.5)
@@ -284,11 +295,13 @@ class BatchProcessor:
         threshold: float | Callable[[], float],
         batch_size: int | None = None,
         canary_text: str = "hello",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.model = model
         self._threshold = threshold
         self.batch_size = batch_size or model.batch_size
-        self.canary_text = canary_text
+        self.canary_texts = canary_texts(model, canary_text)
+        self.clock = clock
 
     def threshold(self) -> float:
         return float(self._threshold() if callable(self._threshold) else self._threshold)
@@ -332,6 +345,8 @@ class BatchProcessor:
                 (verdict,) = make_verdicts(
                     [comment], row[None, :], self.model, threshold, [event.source]
                 )
+                latency_ms = max(0.0, (self.clock() - event.received_at) * 1000.0)
+                verdict = dataclasses.replace(verdict, latency_ms=latency_ms)
                 outcomes.append(Outcome(event, verdict=verdict))
         return outcomes
 
@@ -381,16 +396,32 @@ class BatchProcessor:
             raise ValueError(f"model returned shape {probs.shape}, expected {expected}")
         return probs[: len(texts)]  # padding rows never produce verdicts
 
+    def warm_up(self) -> int:
+        """Score every canary once: each compiled shape is built (and checked) before the
+        worker takes partitions. Returns the number of shapes; raises `ModelUnavailable`."""
+        result: BatchResult[Any] = BatchResult([], rows=0, batch_size=self.batch_size)
+        self._check_canary(RuntimeError("warm-up"), result)
+        return len(self.canary_texts)
+
     def _check_canary(self, first_error: BaseException, result: BatchResult[Any]) -> None:
-        try:
-            (row,) = self._predict_fixed([self.canary_text], result)
-        except Exception as exc:
-            raise ModelUnavailable(
-                f"model fails on the canary text too ({type(exc).__name__}: {exc}); "
-                f"first row error: {first_error!r}"
-            ) from exc
-        if isinstance(_check_row(row), BaseException):
-            raise ModelUnavailable("model returns invalid probabilities for the canary text")
+        for i, text in enumerate(self.canary_texts):
+            shape = f"canary {i + 1} of {len(self.canary_texts)}"
+            try:
+                (row,) = self._predict_fixed([text], result)
+            except Exception as exc:
+                raise ModelUnavailable(
+                    f"model fails on a known-good text too ({shape}: {type(exc).__name__}: "
+                    f"{exc}); first row error: {first_error!r}"
+                ) from exc
+            if isinstance(_check_row(row), BaseException):
+                raise ModelUnavailable(f"model returns invalid probabilities for {shape}")
+
+
+def canary_texts(model: Any, default: str = "hello") -> list[str]:
+    """Known-good texts, one per compiled shape of `model` when it says (`canary_texts()`)."""
+    provider = getattr(model, "canary_texts", None)
+    texts = list(provider()) if callable(provider) else []
+    return texts or [default]
 
 
 def _check_row(row: np.ndarray) -> np.ndarray | BaseException:
@@ -424,7 +455,18 @@ class PipelineObserver(Protocol[H]):
 
 
 class PipelineFailure(RuntimeError):
-    """The pipeline stopped with events unacknowledged; the worker must restart to rescore them."""
+    """The pipeline stopped with events unacknowledged; the worker must restart to rescore them.
+
+    `reason` is a short machine-readable code (what `/health` shows, never the message).
+    """
+
+    def __init__(self, message: str, reason: str = "pipeline_failed") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class PipelineTimeout(PipelineFailure):
+    """The model or the sink exceeded its time limit; the stuck call may still be running."""
 
 
 Ack = Callable[[InputEvent[H]], "Awaitable[Any] | Any"]
@@ -445,6 +487,9 @@ class BatchPipeline(Generic[H]):
         executor: a single-thread executor for the model; default the loop's.
         model_retries: how often a `ModelUnavailable` batch is retried (with backoff) before
             the pipeline gives up with `PipelineFailure`.
+        model_timeout_s: a batch's model step taking longer fails the pipeline (a hung model
+            must not hold partitions while health says ready); None waits forever.
+        publish_timeout_s: the same for publishing a batch's outcomes (a stalled broker).
     """
 
     def __init__(
@@ -460,6 +505,8 @@ class BatchPipeline(Generic[H]):
         model_retries: int = 3,
         retry_backoff_s: float = 1.0,
         max_ready: int = 1,
+        model_timeout_s: float | None = None,
+        publish_timeout_s: float | None = None,
     ) -> None:
         self.processor = processor
         self.sink = sink
@@ -471,6 +518,8 @@ class BatchPipeline(Generic[H]):
         self.model_retries = model_retries
         self.retry_backoff_s = retry_backoff_s
         self._max_ready = max_ready
+        self.model_timeout_s = model_timeout_s
+        self.publish_timeout_s = publish_timeout_s
         self._ready: deque[Batch[H]] = deque()
         self._wake = asyncio.Event()
         self._space = asyncio.Event()
@@ -542,13 +591,20 @@ class BatchPipeline(Generic[H]):
     async def _handle(self, batch: Batch[H]) -> None:
         result = await self._process_with_retries(batch)
         try:
-            await self.sink.publish(result.outcomes)
+            await asyncio.wait_for(self.sink.publish(result.outcomes), self.publish_timeout_s)
         except asyncio.CancelledError:
             raise
+        except TimeoutError as exc:
+            raise PipelineTimeout(
+                f"publishing {len(result.outcomes)} outcomes took over "
+                f"{self.publish_timeout_s}s; batch left unacknowledged",
+                "publish_timeout",
+            ) from exc
         except Exception as exc:
             raise PipelineFailure(
                 f"publishing {len(result.outcomes)} outcomes failed; batch left unacknowledged: "
-                f"{type(exc).__name__}: {exc}"
+                f"{type(exc).__name__}: {exc}",
+                "publish_failed",
             ) from exc
         published_at = self.clock()
         for event in batch.events:  # arrival order, so per-partition offsets ack in order
@@ -575,12 +631,21 @@ class BatchPipeline(Generic[H]):
         loop = asyncio.get_running_loop()
         for attempt in range(self.model_retries + 1):
             try:
-                return await loop.run_in_executor(
-                    self.executor, self.processor.process, batch.events
+                return await asyncio.wait_for(
+                    loop.run_in_executor(self.executor, self.processor.process, batch.events),
+                    self.model_timeout_s,
                 )
+            except TimeoutError as exc:
+                raise PipelineTimeout(
+                    f"the model took over {self.model_timeout_s}s on a batch of "
+                    f"{len(batch)} events; batch left unacknowledged",
+                    "model_timeout",
+                ) from exc
             except ModelUnavailable as exc:
                 if attempt == self.model_retries:
-                    raise PipelineFailure(f"model unavailable, giving up: {exc}") from exc
+                    raise PipelineFailure(
+                        f"model unavailable, giving up: {exc}", "model_unavailable"
+                    ) from exc
                 delay = self.retry_backoff_s * 2**attempt
                 log.warning(
                     "model unavailable (attempt %d), retrying in %.1fs: %s", attempt + 1, delay, exc
@@ -589,9 +654,12 @@ class BatchPipeline(Generic[H]):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bug in the batch step: never ack past it
-                raise PipelineFailure(f"batch step failed: {type(exc).__name__}: {exc}") from exc
+                raise PipelineFailure(
+                    f"batch step failed: {type(exc).__name__}: {exc}", "batch_step_failed"
+                ) from exc
         raise AssertionError("unreachable")
 
     def _raise_if_failed(self) -> None:
         if self.failure is not None:
-            raise PipelineFailure(f"pipeline stopped: {self.failure}") from self.failure
+            reason = getattr(self.failure, "reason", "pipeline_failed")
+            raise PipelineFailure(f"pipeline stopped: {self.failure}", reason) from self.failure

@@ -113,6 +113,21 @@ class AgileClassifier:
             out[start : start + len(chunk)] = self.scorer.probabilities(batch)[: len(chunk)]
         return out
 
+    def canary_texts(self) -> list[str]:
+        """One harmless text per compiled shape (length bucket), shortest first.
+
+        The worker scores them at start (so every shape is compiled before it joins the
+        group) and again when a whole batch fails, to tell a broken shape from bad comments.
+        """
+        texts: list[str] = []
+        lower = 0
+        for bucket in self.length_buckets:
+            text = _text_in_bucket(self.encoder, lower, bucket)
+            if text is not None:
+                texts.append(text)
+            lower = bucket
+        return texts or ["hello"]
+
     def p_positive(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         """p(positive label) per text: the score thresholds and ROC curves work on."""
         return self.predict_proba(texts, progress)[:, self.prompt.positive_index]
@@ -120,3 +135,16 @@ class AgileClassifier:
     def predict(self, texts: Sequence[str]) -> np.ndarray:
         """Boolean decisions: p(positive label) >= threshold."""
         return self.p_positive(texts) >= self.threshold
+
+
+def _text_in_bucket(encoder: PromptEncoder, lower: int, upper: int) -> str | None:
+    """A text of repeated "hello" whose prompt is longer than `lower` tokens and at most `upper`."""
+    fixed = len(encoder.head_ids) + len(encoder.tail_ids)
+    words = max(1, upper - fixed)
+    while words >= 1:
+        text = " ".join(["hello"] * words)
+        length = len(encoder.encode_ids(text)[0])
+        if length <= upper:
+            return text if length > lower else None
+        words -= max(1, (length - upper) // 2)
+    return None

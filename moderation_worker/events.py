@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
+import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +26,8 @@ MISSING_TEXT = "missing_text"
 BAD_TEXT = "bad_text"
 EMPTY_TEXT = "empty_text"
 TEXT_TOO_LONG = "text_too_long"
+TOO_DEEP = "too_deep"
+DUPLICATE_KEY = "duplicate_key"
 SCORING_FAILED = "scoring_failed"
 
 REASONS = (
@@ -36,10 +40,20 @@ REASONS = (
     BAD_TEXT,
     EMPTY_TEXT,
     TEXT_TOO_LONG,
+    TOO_DEEP,
+    DUPLICATE_KEY,
     SCORING_FAILED,
 )
 
 DEFAULT_MAX_TEXT_CHARS = 20_000
+#: An id names a comment in every verdict, log line and join; longer ones are refused.
+MAX_ID_CHARS = 1_024
+#: Deepest nesting of objects/arrays an event may have (the top-level object is depth 1).
+#: orjson refuses to encode past ~255 levels, so a deeper event could never become a verdict.
+DEFAULT_MAX_DEPTH = 64
+
+#: Version of the verdict and dead-letter JSON (see `moderation_worker/schemas/`).
+SCHEMA_VERSION = 1
 
 
 class InvalidEvent(ValueError):
@@ -86,7 +100,8 @@ class ModelIdentity:
 class Verdict:
     """One decision about one comment.
 
-    `p_hateful` is the softmax probability of the positive label among the label tokens.
+    `p_hateful` is the softmax probability of the positive label among the label tokens;
+    `latency_ms` is the time from the worker receiving the event to its score.
     """
 
     id: str
@@ -98,9 +113,11 @@ class Verdict:
     scored_at: str
     source: SourcePosition | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    latency_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
             "id": self.id,
             "p_hateful": self.p_hateful,
             "hateful": self.hateful,
@@ -109,6 +126,8 @@ class Verdict:
             "model": self.model.to_dict(),
             "scored_at": self.scored_at,
         }
+        if self.latency_ms is not None:
+            out["latency_ms"] = round(self.latency_ms, 3)
         if self.source is not None:
             out["source"] = self.source.to_dict()
         if self.meta:
@@ -129,6 +148,7 @@ class DeadLetter:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
             "reason": self.reason,
             "error": self.error,
             "original_b64": base64.b64encode(self.original).decode("ascii"),
@@ -146,11 +166,18 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
 
 
-def parse_comment(raw: bytes | str, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) -> Comment:
+def parse_comment(
+    raw: bytes | str,
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+) -> Comment:
     """Validate one raw event and return the comment it carries.
 
     Raises `InvalidEvent` with a machine-readable reason for every way an event can be wrong,
-    so callers route it to a dead-letter topic instead of crashing or dropping it.
+    so callers route it to a dead-letter topic instead of crashing or dropping it. Beyond
+    shape and types, an event is refused when it nests deeper than `max_depth` (its verdict
+    could not be encoded) or repeats the `id` or `text` key (parsers disagree on which copy
+    wins, so the text we score could differ from the text another consumer shows).
     """
     if isinstance(raw, bytes):
         try:
@@ -160,8 +187,87 @@ def parse_comment(raw: bytes | str, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if "recursion" in str(exc).lower() or "depth limit" in str(exc).lower():
+            raise InvalidEvent(TOO_DEEP, f"event nests too deeply to parse: {exc}") from None
         raise InvalidEvent(INVALID_JSON, f"event is not valid JSON: {exc}") from None
+    depth = nesting_depth(obj, max_depth)
+    if depth > max_depth:
+        raise InvalidEvent(
+            TOO_DEEP, f"event nests deeper than {max_depth} levels of objects and arrays"
+        )
+    if isinstance(obj, dict) and _needs_strict_parse(raw):
+        obj = _strict_parse(raw)
     return comment_from_object(obj, max_text_chars)
+
+
+def nesting_depth(obj: Any, limit: int) -> int:
+    """Depth of nested objects/arrays (a scalar is 0), counted without recursion and stopping
+    once past `limit`, so a hostile event costs at most its own size to check."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+#: 19+ digits: an integer that may not fit in 64 bits (orjson would turn it into a float).
+_LONG_DIGITS = re.compile(rb"\d{19}")
+_UINT64_MAX = 2**64 - 1
+_INT64_MIN = -(2**63)
+
+
+def _as_bytes(raw: bytes | str) -> bytes:
+    return raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
+
+
+def _needs_strict_parse(raw: bytes | str) -> bool:
+    """Cheap test for what orjson's fast parse cannot show: a repeated `id`/`text` key
+    (possibly spelled with escapes) or an integer beyond 64 bits."""
+    data = _as_bytes(raw)
+    return (
+        data.count(b'"id"') > 1
+        or data.count(b'"text"') > 1
+        or b"\\u" in data
+        or _LONG_DIGITS.search(data) is not None
+    )
+
+
+def _strict_parse(raw: bytes | str) -> dict[str, Any]:
+    """Parse again with the standard library to see duplicate keys and exact big integers.
+
+    Integers beyond 64 bits stay exact: they are kept as `orjson.Fragment`s holding their
+    digits, so `meta` goes out exactly as it came in instead of as a rounded float.
+    """
+    top: list[list[tuple[str, Any]]] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        top.append(items)  # the outermost object is the last one decoded
+        return dict(items)
+
+    def parse_int(digits: str) -> Any:
+        value = int(digits)
+        return value if _INT64_MIN <= value <= _UINT64_MAX else orjson.Fragment(digits)
+
+    obj = json.loads(_as_bytes(raw), object_pairs_hook=pairs, parse_int=parse_int)
+    keys = [k for k, _ in top[-1]]
+    for name in ("id", "text"):
+        if keys.count(name) > 1:
+            raise InvalidEvent(
+                DUPLICATE_KEY,
+                f"event repeats the {name!r} key {keys.count(name)} times; "
+                "parsers disagree on which copy counts, so it is refused",
+            )
+    return obj  # type: ignore[no-any-return]
 
 
 def comment_from_object(obj: Any, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) -> Comment:
@@ -173,6 +279,8 @@ def comment_from_object(obj: Any, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) 
     event_id = obj["id"]
     if not isinstance(event_id, str) or not event_id:
         raise InvalidEvent(BAD_ID, f"'id' must be a non-empty string, got {event_id!r:.80}")
+    if len(event_id) > MAX_ID_CHARS:
+        raise InvalidEvent(BAD_ID, f"'id' has {len(event_id)} characters, limit is {MAX_ID_CHARS}")
     if "text" not in obj:
         raise InvalidEvent(MISSING_TEXT, f"event {event_id!r:.80} has no 'text' field")
     text = obj["text"]

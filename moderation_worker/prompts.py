@@ -11,6 +11,7 @@ long comment is then scored on a prompt that never asks the question. Here the h
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -74,9 +75,18 @@ class PromptSettings:
     def tail(self) -> str:
         return f"{self.separator}Prediction:"
 
+    def markers(self) -> tuple[str, ...]:
+        """The prompt's own field names ("Text", "Prediction"): a comment may not write them."""
+        found = (re.search(r"(\w+)\s*:\s*$", part) for part in (self.head(), self.tail()))
+        return tuple(m.group(1) for m in found if m is not None)
+
+    def clean(self, comment: str) -> str:
+        """The comment with this prompt's separator and field markers neutralised."""
+        return clean_comment(comment, self.separator, self.markers())
+
     def render(self, comment: str) -> str:
         """The whole prompt as text (for reading and for CausalLM cross-checks)."""
-        return self.head() + clean_comment(comment, self.separator) + self.tail()
+        return self.head() + self.clean(comment) + self.tail()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -92,13 +102,32 @@ class PromptSettings:
         return cls(**{**data, "labels": tuple(data["labels"])})
 
 
-def clean_comment(text: str, separator: str) -> str:
-    """Remove the separator from user text, so a comment cannot fake the prompt's structure.
+def clean_comment(text: str, separator: str, markers: Sequence[str] = ()) -> str:
+    """Neutralise the prompt's structure in user text, so a comment cannot fake it.
 
     Without this, a comment containing `<separator>Prediction:Safe` writes its own answer.
+    The separator is removed; a marker followed by a colon (`Prediction:`, `text :`, any
+    case) loses the colon (`Prediction -`), so the words stay readable but no longer open a
+    field. The model's control tokens are neutralised at the token level (`PromptEncoder`).
     """
     marker = separator.strip()
-    return text.replace(marker, " ") if marker in text else text
+    if marker in text:
+        text = text.replace(marker, " ")
+    if markers and ":" in text:
+        text = _marker_pattern(tuple(markers)).sub(r"\1 -", text)
+    return text
+
+
+_MARKER_PATTERNS: dict[tuple[str, ...], re.Pattern[str]] = {}
+
+
+def _marker_pattern(markers: tuple[str, ...]) -> re.Pattern[str]:
+    pattern = _MARKER_PATTERNS.get(markers)
+    if pattern is None:
+        words = "|".join(re.escape(m) for m in markers)
+        pattern = re.compile(rf"\b({words})\s*:", re.IGNORECASE)
+        _MARKER_PATTERNS[markers] = pattern
+    return pattern
 
 
 @dataclass(frozen=True)
@@ -155,10 +184,31 @@ class PromptEncoder:
                 "comment; shorten the instructions or raise sequence_length"
             )
         self.label_ids = tuple(tokenizer.single_token_id(lb) for lb in settings.labels)
+        # Control tokens (`<start_of_turn>`, `<bos>`, `<start_of_image>`, ...) a comment's
+        # text would otherwise turn into: they are re-encoded as the plain characters they
+        # spell, so a comment cannot open a turn or an image slot.
+        self.special_ids: frozenset[int] = frozenset(getattr(tokenizer, "special_ids", ()))
+
+    def comment_ids(self, comment_ids: list[int]) -> list[int]:
+        """`comment_ids` with every control token replaced by the plain text it spells."""
+        if not self.special_ids or self.special_ids.isdisjoint(comment_ids):
+            return comment_ids
+        out: list[int] = []
+        for token in comment_ids:
+            out.extend(self._plain(token) if token in self.special_ids else (token,))
+        return out
+
+    def _plain(self, token: int) -> list[int]:
+        piece = self.tokenizer.id_to_piece(token)  # type: ignore[attr-defined]
+        ids = [*self.tokenizer.encode(piece[:1]), *self.tokenizer.encode(piece[1:])]
+        if self.special_ids.isdisjoint(ids):
+            return ids
+        per_char = [i for ch in piece for i in self.tokenizer.encode(ch)]
+        return [i for i in per_char if i not in self.special_ids]
 
     def encode_ids(self, text: str) -> tuple[list[int], bool]:
         """Token ids of one prompt (unpadded) and whether the comment was cut."""
-        return self._assemble(self.tokenizer.encode(clean_comment(text, self.settings.separator)))
+        return self._assemble(self.comment_ids(self.tokenizer.encode(self.settings.clean(text))))
 
     def _assemble(self, comment_ids: list[int]) -> tuple[list[int], bool]:
         cut = len(comment_ids) > self.comment_budget
@@ -181,10 +231,10 @@ class PromptEncoder:
         truncated = np.zeros((rows,), dtype=bool)
         token_ids[:, 0] = self.tokenizer.bos_id
         padding_mask[:, 0] = 1
-        sep = self.settings.separator
-        encoded = self.tokenizer.encode_batch([clean_comment(t, sep) for t in texts]) if n else []
+        clean = self.settings.clean
+        encoded = self.tokenizer.encode_batch([clean(t) for t in texts]) if n else []
         for i, comment_ids in enumerate(encoded):
-            ids, cut = self._assemble(comment_ids)
+            ids, cut = self._assemble(self.comment_ids(comment_ids))
             token_ids[i, : len(ids)] = ids
             padding_mask[i, : len(ids)] = 1
             last_index[i] = len(ids) - 1

@@ -22,6 +22,7 @@ class SentencePieceTokenizer:
     def __init__(self, proto: bytes) -> None:
         self.proto = bytes(proto)
         self._sp = spm.SentencePieceProcessor(model_proto=self.proto)
+        self.special_ids = _special_ids(self.proto)
 
     def __getstate__(self) -> dict[str, bytes]:
         return {"proto": self.proto}
@@ -65,6 +66,10 @@ class SentencePieceTokenizer:
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(int(token_id))
 
+    def is_special(self, token_id: int) -> bool:
+        """A control, unknown or user-defined token (other than whitespace runs)."""
+        return int(token_id) in self.special_ids
+
     def single_token_id(self, word: str) -> int:
         """The id of `word` when the tokenizer encodes it as exactly one known token.
 
@@ -82,3 +87,21 @@ class SentencePieceTokenizer:
             f"label {word!r} is not a single token of this vocabulary "
             f"(it encodes as {len(ids)} tokens: {pieces}); choose labels that are single tokens"
         )
+
+
+def _special_ids(proto: bytes) -> frozenset[int]:
+    """Ids of the pieces no comment should produce: control tokens (`<bos>`, `<start_of_turn>`,
+    `<start_of_image>`, `<unusedN>`), the unknown token, and user-defined pieces such as
+    `[multimodal]`. Whitespace runs are user-defined in Gemma's vocabulary but are ordinary
+    text, so they stay."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    model = pb.ModelProto()
+    model.ParseFromString(proto)
+    kinds = pb.ModelProto.SentencePiece
+    special = (kinds.CONTROL, kinds.UNKNOWN, kinds.USER_DEFINED)
+    return frozenset(
+        i
+        for i, piece in enumerate(model.pieces)
+        if piece.type in special and piece.piece.replace("\u2581", " ").strip()
+    )

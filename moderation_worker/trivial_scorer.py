@@ -42,6 +42,8 @@ class TrivialScorer:
         poison_marker: if set, a call whose texts contain it raises `PoisonedText`.
         delay_s: seconds each call sleeps, to imitate model latency.
         fail_after_calls: if set, every call after this many raises `ModelBroken`.
+        hang_marker: if set, a call whose texts contain it sleeps `hang_s` (a hung model).
+        hang_s: how long a hung call sleeps.
 
     Example:
         scorer = TrivialScorer(batch_size=8)
@@ -58,12 +60,16 @@ class TrivialScorer:
         poison_marker: str | None = None,
         delay_s: float = 0.0,
         fail_after_calls: int | None = None,
+        hang_marker: str | None = None,
+        hang_s: float = 3600.0,
     ) -> None:
         self.batch_size = batch_size
         self.keywords = tuple(k.lower() for k in keywords)
         self.poison_marker = poison_marker
         self.delay_s = delay_s
         self.fail_after_calls = fail_after_calls
+        self.hang_marker = hang_marker
+        self.hang_s = hang_s
         self.identity = ModelIdentity(base_model="trivial-keyword-scorer", lora_sha256=None)
         self.calls = 0
 
@@ -82,6 +88,8 @@ class TrivialScorer:
             raise ValueError(f"expected {self.batch_size} texts, got {len(texts)}")
         if self.delay_s:
             time.sleep(self.delay_s)
+        if self.hang_marker is not None and any(self.hang_marker in t for t in texts):
+            time.sleep(self.hang_s)
         if self.fail_after_calls is not None and self.calls > self.fail_after_calls:
             raise ModelBroken(f"model broke after {self.fail_after_calls} calls")
         if self.poison_marker is not None and any(self.poison_marker in t for t in texts):
