@@ -3,8 +3,9 @@
 Faust's own test utilities feed an agent directly and mock the producer, which is useless for
 the question that matters here: which offsets end up committed when a batch fails or the worker
 dies. `MemoryBroker` keeps partitioned logs and per-group committed offsets; `MemoryWorker`
-consumes them through the same `BatchPipeline` the Faust worker uses, and commits only the
-contiguous prefix of acknowledged offsets, the way a Kafka consumer group does.
+consumes them through the same `BatchPipeline` the Faust worker uses, and commits acknowledged
+offsets by Faust's own rule (`OffsetTracker` runs Faust's consumer code, see there), so an ack
+that overtakes an earlier event commits past it here exactly as it would in the real worker.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
+
+from faust.transport.consumer import Consumer as _FaustConsumer
+from faust.types import TP
+from intervaltree import IntervalTree
 
 from moderation_worker.batching import (
     BatchPipeline,
@@ -28,7 +34,7 @@ from moderation_worker.batching import (
 )
 from moderation_worker.events import DEFAULT_MAX_TEXT_CHARS, SourcePosition
 
-from .codecs import encode_outcome
+from .codecs import build_record
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,7 @@ class Record:
     key: bytes | None
     value: bytes | None
     timestamp: float
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 class MemoryBroker:
@@ -62,13 +69,15 @@ class MemoryBroker:
         value: bytes | None,
         key: bytes | None = None,
         partition: int | None = None,
+        headers: Sequence[tuple[str, bytes]] = (),
     ) -> Record:
         """Append a record; without a partition, the key picks one (stable hash), like Kafka."""
         self.create_topic(topic)
         logs = self._logs[topic]
         if partition is None:
             partition = zlib.crc32(key) % len(logs) if key is not None else 0
-        record = Record(topic, partition, len(logs[partition]), key, value, time.time())
+        offset = len(logs[partition])
+        record = Record(topic, partition, offset, key, value, time.time(), tuple(headers))
         logs[partition].append(record)
         return record
 
@@ -106,26 +115,91 @@ class MemorySink:
             raise ConnectionError("memory broker refused the produce request")
         for outcome in outcomes:
             topic = self.verdict_topic if outcome.verdict is not None else self.dlq_topic
-            self.broker.produce(topic, encode_outcome(outcome), key=outcome.event.key)
+            record = build_record(outcome)  # the same record the Faust sink sends
+            self.broker.produce(topic, record.value, key=record.key, headers=record.headers)
+
+
+@dataclass(eq=False)  # hashable by identity, like Faust's messages (it keeps them in a set)
+class _AckedMessage:
+    """The fields of a Faust `Message` that `Consumer.ack` reads and writes."""
+
+    topic: str
+    partition: int
+    offset: int
+    acked: bool = False
+
+    @property
+    def tp(self) -> TP:
+        return TP(self.topic, self.partition)
+
+
+class FaustOffsetRule:
+    """Faust's consumer offset bookkeeping, run on Faust's own code (faust-streaming 0.15).
+
+    The methods *are* `faust.transport.consumer.Consumer`'s (`ack`, `_new_offset`,
+    `_should_commit`, `_filter_committable_offsets`), bound to an object holding just the state
+    they use, initialised as `Consumer.__init__` and `Consumer.perform_seek` do. Their rule is
+    not "the contiguous run of acks after the last commit": per partition, Faust commits the
+    first run of consecutive acked offsets, checking the gap to the committed offset only when
+    one is known and non-zero, and then only for a gap of two or more. So on a fresh partition
+    an ack of offset 3 alone commits 4, and with 10 committed an ack of 11 alone commits 12:
+    an ack that overtakes an earlier event commits past it.
+    """
+
+    ack = _FaustConsumer.ack
+    _new_offset = _FaustConsumer._new_offset
+    _should_commit = _FaustConsumer._should_commit
+    _filter_committable_offsets = _FaustConsumer._filter_committable_offsets
+
+    def __init__(self) -> None:
+        # As `Consumer.__init__`:
+        self._acked: dict[TP, list[int]] = defaultdict(list)
+        self._acked_index: dict[TP, set[int]] = defaultdict(set)
+        self._gap: dict[TP, IntervalTree] = defaultdict(IntervalTree)
+        self._committed_offset: dict[TP, int | None] = defaultdict(lambda: None)
+        self._unacked_messages: set[Any] = set()
+        self._waiting_for_ack: asyncio.Future[None] | None = None
+        self._n_acked = 0
+        # `Consumer.ack` asks the conductor whether the topic is acked; ours always is.
+        self.app = SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda topic: True))
+
+    def seek_committed(self, tp: TP, committed: int) -> None:
+        """What `Consumer.perform_seek` records for a partition's committed offset (0 -> None)."""
+        self._committed_offset[tp] = committed if committed else None
+
+    def ack_offset(self, tp: TP, offset: int) -> bool:
+        return bool(self.ack(_AckedMessage(tp.topic, tp.partition, offset)))  # type: ignore[arg-type]
+
+    def commit(self, tp: TP) -> int | None:
+        """The offset Faust would commit for `tp` now (and records it as committed), or None."""
+        offsets = self._filter_committable_offsets([tp])
+        self._committed_offset.update(offsets)  # as `Consumer._commit_offsets`
+        return offsets.get(tp)
 
 
 class OffsetTracker:
-    """Commits, per partition, only the contiguous prefix of acknowledged offsets."""
+    """Commits acknowledged offsets the way the Faust worker does (see `FaustOffsetRule`).
+
+    Faust commits on a timer and every `broker_commit_every` acks; this tracker commits after
+    every ack, the most adversarial timing: whatever Faust could commit at some instant, it
+    commits at once.
+    """
 
     def __init__(self, broker: MemoryBroker, group: str, topic: str) -> None:
         self.broker = broker
         self.group = group
         self.topic = topic
-        self._acked: dict[int, set[int]] = defaultdict(set)
+        self.rule = FaustOffsetRule()
+        for partition in range(broker.partitions(topic)):
+            tp = TP(topic, partition)
+            self.rule.seek_committed(tp, broker.committed(group, topic, partition))
 
     def ack(self, partition: int, offset: int) -> None:
-        acked = self._acked[partition]
-        acked.add(offset)
-        position = self.broker.committed(self.group, self.topic, partition)
-        while position in acked:
-            acked.discard(position)
-            position += 1
-        self.broker.commit(self.group, self.topic, partition, position)
+        tp = TP(self.topic, partition)
+        self.rule.ack_offset(tp, offset)
+        new_offset = self.rule.commit(tp)
+        if new_offset is not None:
+            self.broker.commit(self.group, self.topic, partition, new_offset)
 
 
 class MemoryWorker:
@@ -226,6 +300,7 @@ class MemoryWorker:
                         received_at=time.monotonic(),
                         produced_at=record.timestamp,
                         max_text_chars=self.max_text_chars,
+                        headers=record.headers,
                     )
                     await self.pipeline.submit(event)
                     self._positions[partition] = record.offset + 1

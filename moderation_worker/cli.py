@@ -325,12 +325,18 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from adapters.delivery_guard import DeliveryConfigError, preflight
     from adapters.faust_app import run_worker
     from adapters.model_sources import build_classifier
 
     from .prompts import PromptSettings
 
     settings = _settings(args)
+    try:
+        preflight(settings)  # Faust's env vars weakening delivery: refused before the model loads
+    except DeliveryConfigError as exc:
+        print(f"moderation-worker: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
     def factory():
         # LoRA metadata carries its own prompt; sequence_length applies to zero-shot models.
@@ -347,7 +353,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     # SIGHUP re-reads the config file and environment, so a threshold edited in either
     # takes effect without reloading the model.
-    run_worker(settings, factory, reload_settings=lambda: load_settings(args.config))
+    try:
+        run_worker(settings, factory, reload_settings=lambda: load_settings(args.config))
+    except DeliveryConfigError as exc:  # build_app's own check (the environment changed since)
+        print(f"moderation-worker: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     return 0
 
 

@@ -43,6 +43,10 @@ from adapters.tansu import TansuBroker, free_port
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BROKER_ENV = "MODERATION_TEST_BROKER"
 SCORER_ENV = "MODERATION_TEST_SCORER"
+#: Comma-separated codecs (snappy, lz4, zstd, gzip) a worker subprocess must act as if it had no
+#: library for: `aiokafka.codec.has_<codec>()` answers False there, the check aiokafka's record
+#: batches (pure Python and compiled alike) make before decompressing.
+DISABLE_CODECS_ENV = "MODERATION_TEST_DISABLE_CODECS"
 
 #: Consumer-group timing for tests (see the module docstring). Apache Kafka refuses session
 #: timeouts below its `group.min.session.timeout.ms` (6 s by default), hence two sets.
@@ -122,6 +126,7 @@ def worker_env(
         "MODERATION_MODEL_RETRY_BACKOFF_S": "0.1",
         "MODERATION_LOG_LEVEL": "INFO",
         "MODERATION_COMMIT_INTERVAL_S": "0.5",
+        "MODERATION_TOPIC_REPLICATION_FACTOR": "1",
     }
     env.update({f"MODERATION_{k.upper()}": str(v) for k, v in broker.group_timing.items()})
     env.update({f"MODERATION_{k.upper()}": str(v) for k, v in settings.items()})
@@ -141,6 +146,12 @@ def _worker_main() -> None:
     from moderation_worker.trivial_scorer import TrivialScorer
 
     spec = json.loads(os.environ.pop(SCORER_ENV, "{}") or "{}")
+    disabled = os.environ.pop(DISABLE_CODECS_ENV, "")
+    if disabled:
+        import aiokafka.codec
+
+        for codec in filter(None, (c.strip() for c in disabled.split(","))):
+            setattr(aiokafka.codec, f"has_{codec}", lambda: False)
     settings = load_settings()
     run_worker(settings, lambda: TrivialScorer(batch_size=settings.batch_size, **spec))
 
@@ -287,12 +298,22 @@ async def create_topics(broker: BrokerInfo, names: Iterable[str], partitions: in
 
 
 async def produce(
-    broker: BrokerInfo, topic: str, records: Iterable[tuple[bytes | None, bytes | None]]
+    broker: BrokerInfo,
+    topic: str,
+    records: Iterable[tuple[bytes | None, bytes | None]],
+    *,
+    compression_type: str | None = None,
 ) -> list[tuple[int, int]]:
-    """Send (key, value) records; return their (partition, offset) in order."""
+    """Send (key, value) records; return their (partition, offset) in order.
+
+    `compression_type` (gzip, snappy, lz4, zstd) compresses each record batch, as real producers
+    do; None sends them uncompressed.
+    """
     from aiokafka import AIOKafkaProducer
 
-    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=5)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=broker.bootstrap, linger_ms=5, compression_type=compression_type
+    )
     await producer.start()
     try:
         futures = [await producer.send(topic, key=k, value=v) for k, v in records]

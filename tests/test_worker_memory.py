@@ -1,8 +1,9 @@
 """At-least-once through the in-memory broker: fast versions of the crash and hostile-input tests.
 
-`MemoryWorker` runs the same `BatchPipeline` as the Faust worker and commits only contiguous
-acknowledged offsets, so "which offsets are committed when things go wrong" is checked here in
-milliseconds; the broker tests repeat the important cases through Faust and a real broker.
+`MemoryWorker` runs the same `BatchPipeline` as the Faust worker and commits acknowledged
+offsets by Faust's own rule (tests/test_memory_offsets.py), so "which offsets are committed when
+things go wrong" is checked here in milliseconds; the broker tests repeat the important cases
+through Faust and a real broker.
 """
 
 from __future__ import annotations
@@ -221,3 +222,21 @@ async def test_the_invariant_check_catches_take_style_acking() -> None:
         await take_style_worker(broker, sink)
     with pytest.raises(AssertionError, match="committed .* past unpublished"):
         assert_nothing_committed_without_output(broker)
+
+
+async def test_headers_reach_the_output_and_ours_are_added() -> None:
+    broker, sink = setup(partitions=1)
+    trace = ("traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    broker.produce(
+        IN,
+        orjson.dumps({"id": "h1", "text": "hi"}),
+        key=b"k",
+        headers=[trace, ("x-moderation-model", b"x")],
+    )
+    w = MemoryWorker(broker, GROUP, IN, BatchProcessor(TrivialScorer(batch_size=2), 0.5), sink)
+    await w.run_until_idle()
+    (record,) = broker.records(OUT)
+    headers = dict(record.headers)
+    assert headers["traceparent"] == trace[1]
+    assert headers["x-moderation-model"] == b"trivial-keyword-scorer", "input cannot forge ours"
+    assert orjson.loads(record.value)["latency_ms"] >= 0
