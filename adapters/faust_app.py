@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import logging.config
+import os
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +43,9 @@ from moderation_worker.events import SourcePosition
 from moderation_worker.settings import Settings, SettingsError
 from moderation_worker.verdicts import ProbabilityModel
 
-from . import codecs
+from . import codecs, fetch_guard, kafka_security
+from .delivery_guard import check_delivery_config
+from .delivery_guard import preflight as delivery_preflight
 from .jsonlog import logging_config
 from .metrics import PipelineMetrics
 
@@ -84,6 +88,11 @@ class ThresholdHolder:
 class FaustSink:
     """Publishes outcomes through Faust's producer and returns once the broker accepted all.
 
+    Each outcome becomes one record that fits the producer's request limit, with the input's
+    headers passed on (`codecs.build_record`). A record the producer or broker still refuses
+    for its size is replaced by a minimal one (id, outcome, reason, no `meta`, no copied
+    headers): one event's output must never stop the worker.
+
     Under `exactly_once` each record goes into the transaction of its *input* partition (the
     transaction Faust commits that partition's offsets with), so a verdict and the offset of
     its comment commit or abort together.
@@ -95,8 +104,7 @@ class FaustSink:
         self.dlq_topic = settings.dlq_topic
         self.input_topic = settings.input_topic
         self.exactly_once = settings.processing_guarantee == "exactly_once"
-        # Room for the record's key, headers and framing under the producer's request limit.
-        self._max_bytes = int(app.conf.producer_max_request_size) - 4_096
+        self._max_request_bytes = int(app.conf.producer_max_request_size)
 
     def _transactional_id(self, source: SourcePosition) -> str | None:
         if not self.exactly_once:
@@ -104,25 +112,56 @@ class FaustSink:
         group = self.app.assignor.group_for_topic(source.topic)
         return f"{self.app.conf.id}-{group}-{source.partition}"
 
+    def _topic(self, outcome: Outcome[Any]) -> str:
+        return self.verdict_topic if outcome.verdict is not None else self.dlq_topic
+
+    async def _send(self, outcome: Outcome[Any], record: codecs.OutputRecord) -> Any:
+        return await self.app.producer.send(
+            self._topic(outcome),
+            record.key,
+            record.value,
+            None,  # partition from the key, so per-key order and affinity hold
+            None,
+            record.headers,
+            transactional_id=self._transactional_id(outcome.event.source),
+        )
+
     async def publish(self, outcomes: Sequence[Outcome[Any]]) -> None:
-        producer = self.app.producer
-        pending = []
+        pending: list[tuple[Outcome[Any], Any]] = []
         for outcome in outcomes:
-            topic = self.verdict_topic if outcome.verdict is not None else self.dlq_topic
-            key = outcome.event.key
-            value = codecs.encode_outcome(outcome, max(1_024, self._max_bytes - len(key or b"")))
-            pending.append(
-                await producer.send(
-                    topic,
-                    key,
-                    value,
-                    None,  # partition from the key, so per-key order and affinity hold
-                    None,
-                    None,
-                    transactional_id=self._transactional_id(outcome.event.source),
-                )
-            )
-        await asyncio.gather(*pending)
+            try:
+                record = codecs.build_record(outcome, self._max_request_bytes)
+                pending.append((outcome, await self._send(outcome, record)))
+            except Exception as exc:
+                if not _too_large(exc):
+                    raise
+                pending.append((outcome, await self._send_minimal(outcome, exc)))
+        results = await asyncio.gather(*(fut for _, fut in pending), return_exceptions=True)
+        for (outcome, _), result in zip(pending, results, strict=True):
+            if isinstance(result, BaseException):
+                if not _too_large(result):
+                    raise result
+                await (await self._send_minimal(outcome, result))
+
+    async def _send_minimal(self, outcome: Outcome[Any], error: BaseException) -> Any:
+        """Send the smallest record that still says what became of the event."""
+        log.warning(
+            "output refused for its size; sending a minimal record",
+            extra={"source": outcome.event.source.to_dict(), "error": str(error)[:300]},
+        )
+        return await self._send(outcome, codecs.minimal_record(outcome))
+
+
+def _too_large(exc: BaseException) -> bool:
+    """A producer or broker refusal of one record for its size (not a broker outage)."""
+    from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (MessageSizeTooLargeError, RecordListTooLargeError)):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 class WorkerState:
@@ -150,6 +189,7 @@ class WorkerState:
         self.model_ready = asyncio.Event()
         self.pipeline: BatchPipeline[faust.EventT] | None = None
         self.failure: BaseException | None = None
+        self.stopping = False
         self.positions: dict[TP, int] = {}
 
     def _set_model(self, model: ProbabilityModel) -> None:
@@ -181,6 +221,8 @@ class WorkerState:
             self.model_ready.is_set()
             and self.pipeline is not None
             and self.failure is None
+            and self.pipeline.failure is None  # 503 the moment a batch fails, before the crash
+            and not self.stopping
             and not self.app.should_stop
         )
 
@@ -202,6 +244,8 @@ class WorkerState:
             observer=self.metrics,
             model_retries=self.settings.model_retries,
             retry_backoff_s=self.settings.model_retry_backoff_s,
+            model_timeout_s=self.settings.model_timeout_s,
+            publish_timeout_s=self.settings.publish_timeout_s,
         )
         return self.pipeline
 
@@ -215,14 +259,40 @@ class WorkerState:
             received_at=time.monotonic(),
             produced_at=message.timestamp or None,
             max_text_chars=self.settings.max_text_chars,
+            max_depth=self.settings.max_event_depth,
+            headers=_headers(message.headers),
         )
 
     async def crash(self, exc: BaseException) -> None:
-        """Stop the worker with an error: unacked events are rescored after the restart."""
+        """Stop the worker with an error: unacked events are rescored after the restart.
+
+        A model call that timed out still runs in its thread, and the interpreter would wait
+        for it at exit; the watchdog ends the process if the stop takes too long.
+        """
         if self.failure is None:
             self.failure = exc
-            log.error("pipeline failed; stopping the worker", exc_info=exc)
+            log.error(
+                "pipeline failed; stopping the worker",
+                exc_info=exc,
+                extra={"reason": failure_reason(exc)},
+            )
+            arm_exit_watchdog(self.settings.shutdown_timeout_s, 1, "crash")
             await self.app.crash(exc)
+
+    def begin_stop(self) -> None:
+        """SIGTERM/SIGINT: stop taking new work, finish and ack what is in flight, then leave.
+
+        Faust stops fetching and waits (`stream_wait_empty`) until every event it handed us
+        is acknowledged, commits, and only then leaves the group, so a batch in the model is
+        scored, published and committed instead of being scored again by the next owner.
+        """
+        if not self.stopping:
+            self.stopping = True
+            log.info(
+                "stopping: finishing the batch in flight",
+                extra={"shutdown_timeout_s": self.settings.shutdown_timeout_s},
+            )
+            arm_exit_watchdog(self.settings.shutdown_timeout_s, 1, "graceful stop")
 
     def reload_threshold(self) -> None:
         try:
@@ -261,9 +331,63 @@ class WorkerState:
                 if tp.topic == self.settings.input_topic
             ),
         }
-        if self.failure is not None:
-            body["error"] = str(self.failure)
+        if self.failure is not None or self._pipeline_failure() is not None:
+            # A code, never the exception text: /health may be reachable by more people than
+            # the logs, and error text can carry hostnames, paths or comment text.
+            body["status"] = "failed"
+            body["reason"] = failure_reason(self.failure or self._pipeline_failure())
         return body, 200 if self.ready else 503
+
+    def _pipeline_failure(self) -> BaseException | None:
+        return self.pipeline.failure if self.pipeline is not None else None
+
+
+def _headers(headers: Any) -> list[tuple[str, bytes | None]]:
+    """A record's headers as (name, value) pairs, whatever shape the client gave them in."""
+    if not headers:
+        return []
+    items = headers.items() if hasattr(headers, "items") else headers
+    out: list[tuple[str, bytes | None]] = []
+    for name, value in items:
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "replace")
+        out.append((str(name), value if isinstance(value, bytes | None) else str(value).encode()))
+    return out
+
+
+def arm_exit_watchdog(seconds: float, code: int, why: str) -> threading.Timer:
+    """End the process after `seconds` if it is still alive (a hung model thread, a stuck
+    broker): unacknowledged events are redelivered, a worker that never exits is not."""
+
+    def _exit() -> None:
+        log.error("%s did not finish in %.0fs; exiting now", why, seconds)
+        logging.shutdown()
+        os._exit(code)
+
+    timer = threading.Timer(seconds, _exit)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+class ModerationWorker(faust.Worker):
+    """Faust's worker, telling our state when a stop signal arrives (see `begin_stop`)."""
+
+    def __init__(self, app: faust.App, state: WorkerState, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._moderation = state
+
+    def _schedule_shutdown(self, signal: signal.Signals) -> None:
+        self._moderation.begin_stop()
+        super()._schedule_shutdown(signal)
+
+
+def failure_reason(exc: BaseException | None) -> str:
+    """A short code for why the worker failed, for `/health` and the failure metric."""
+    reason = getattr(exc, "reason", None) or getattr(exc, "health_reason", None)
+    if isinstance(reason, str) and reason.isidentifier():
+        return reason
+    return "internal_error"
 
 
 def _is_model(obj: object) -> bool:
@@ -274,6 +398,7 @@ def faust_options(settings: Settings) -> dict[str, Any]:
     """Faust app configuration derived from the settings."""
     return {
         "broker": settings.broker_url,
+        "broker_credentials": kafka_security.faust_credentials(settings),  # None: PLAINTEXT
         "processing_guarantee": settings.processing_guarantee,
         "topic_partitions": settings.input_partitions,
         "consumer_auto_offset_reset": "earliest",  # a new group must not skip comments
@@ -283,10 +408,20 @@ def faust_options(settings: Settings) -> dict[str, Any]:
         "broker_commit_interval": settings.commit_interval_s,
         "stream_wait_empty": True,  # on rebalance, wait for in-flight batches to be acked
         "producer_acks": -1,
+        # A stalled broker must fail the publish within our limit, not Faust's 20 minutes.
+        "producer_request_timeout": settings.publish_timeout_s,
+        "topic_replication_factor": settings.topic_replication_factor,
         "web_enabled": True,
         "web_port": settings.web_port,
-        "web_bind": "0.0.0.0",
-        "web_host": "127.0.0.1",
+        "web_bind": settings.web_bind,
+        "web_host": "127.0.0.1" if settings.web_bind in ("0.0.0.0", "::") else settings.web_bind,
+        # Faust's own pages show topology, routing and table contents: not for a worker
+        # that only needs /health and /metrics.
+        "web_router_enabled": False,
+        "web_tables_enabled": False,
+        "web_graph_enabled": False,
+        "web_stats_enabled": False,
+        "web_metrics_enabled": False,
         # No tables, so no state worth keeping; Faust still insists on a data directory.
         "datadir": str(_data_dir(settings.app_id)),
     }
@@ -312,6 +447,8 @@ def build_app(
     """
     codecs.register()
     app = faust.App(settings.app_id, **faust_options(settings))
+    check_delivery_config(app, settings)  # Faust's env vars must not weaken at-least-once
+    fetch_guard.install(app)  # an undecodable record batch: named in the log, /health, a stop
     state = WorkerState(
         app, settings, model, ThresholdHolder(settings, threshold_fallback, reload_settings)
     )
@@ -322,10 +459,15 @@ def build_app(
         key_serializer="raw",
         value_serializer="raw",
         partitions=settings.input_partitions,
+        replicas=settings.topic_replication_factor,
     )
     outputs = [
         app.topic(
-            name, key_serializer="raw", value_serializer="raw", partitions=settings.input_partitions
+            name,
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=settings.input_partitions,
+            replicas=settings.topic_replication_factor,
         )
         for name in (settings.verdict_topic, settings.dlq_topic)
     ]
@@ -408,10 +550,19 @@ def run_worker(
     """
     logging.config.dictConfig(logging_config(settings.log_level))
     log.info("worker starting", extra={"settings": settings.public_dict()})
+    # Configuration mistakes fail in seconds, before the model load that can take a minute.
+    delivery_preflight(settings)  # Faust variables weakening delivery or overriding options
+    kafka_security.preflight(settings)  # TLS/SASL/address mistakes: a clear error, not a hang
     started = time.perf_counter()
     model = model_factory()
     log.info("model loaded", extra={"seconds": round(time.perf_counter() - started, 3)})
     threshold_fallback = model_threshold(model, threshold_fallback)
+    started = time.perf_counter()
+    shapes = BatchProcessor(model, threshold_fallback, batch_size=settings.batch_size).warm_up()
+    log.info(
+        "model warmed up",
+        extra={"shapes": shapes, "seconds": round(time.perf_counter() - started, 3)},
+    )
     app = build_app(
         settings, model, threshold_fallback=threshold_fallback, reload_settings=reload_settings
     )
@@ -424,10 +575,13 @@ def run_worker(
     if settings.metrics_port is not None:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.metrics_port, registry=state.metrics.registry)
+        start_http_server(
+            settings.metrics_port, addr=settings.web_bind, registry=state.metrics.registry
+        )
 
-    worker = faust.Worker(
+    worker = ModerationWorker(
         app,
+        state,
         loglevel=settings.log_level,
         logging_config=logging_config(settings.log_level),
         quiet=True,

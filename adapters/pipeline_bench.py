@@ -130,7 +130,15 @@ async def _measure(
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(settings.input_topic, settings.input_partitions, 1)])
+        await admin.create_topics(
+            [
+                NewTopic(
+                    settings.input_topic,
+                    settings.input_partitions,
+                    settings.topic_replication_factor,
+                )
+            ]
+        )
     finally:
         await admin.close()
 

@@ -294,3 +294,86 @@ async def test_a_stalled_publish_fails_the_pipeline_within_the_limit_with_nothin
     failure = await _run_to_failure(pipeline, 2)
     assert failure.reason == "publish_timeout"
     assert acked == []
+
+
+# ------------------------------------------------------------------------------ web and topics
+
+
+def test_the_web_server_binds_loopback_with_faust_debug_pages_off_by_default() -> None:
+    from adapters.faust_app import faust_options
+    from moderation_worker.settings import Settings
+
+    options = faust_options(Settings())
+    assert options["web_bind"] == "127.0.0.1"
+    for page in ("router", "tables", "graph", "stats", "metrics"):
+        assert options[f"web_{page}_enabled"] is False
+    assert options["topic_replication_factor"] == 3
+    assert options["producer_request_timeout"] == Settings().publish_timeout_s
+    container = faust_options(Settings(web_bind="0.0.0.0", topic_replication_factor=1))
+    assert container["web_bind"] == "0.0.0.0" and container["topic_replication_factor"] == 1
+
+
+def test_health_reports_a_reason_code_never_the_exception_text() -> None:
+    from adapters.faust_app import failure_reason
+
+    secret = PipelineFailure(
+        "broker kafka-7.internal:9093 said: comment 'you are…'", "publish_failed"
+    )
+    assert failure_reason(secret) == "publish_failed"
+    assert failure_reason(RuntimeError("anything")) == "internal_error"
+
+
+# ------------------------------------------------------------------------------ the Faust sink
+
+
+class SizeLimitedProducer:
+    """Stands in for a broker whose topic `max.message.bytes` is smaller than the producer's
+    limit (Tansu ignores that topic setting, so this refusal cannot be staged on it)."""
+
+    def __init__(self, broker_limit: int, fail_other: bool = False) -> None:
+        self.broker_limit = broker_limit
+        self.fail_other = fail_other
+        self.accepted: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]] = []
+
+    async def send(self, topic, key, value, partition, timestamp, headers, **kw):  # noqa: ANN001
+        from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
+
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self.fail_other:
+            future.set_exception(KafkaConnectionError("broker down"))
+        elif len(value) + len(key or b"") > self.broker_limit:
+            future.set_exception(MessageSizeTooLargeError("broker: record too large"))
+        else:
+            self.accepted.append((topic, key, value, headers))
+            future.set_result(None)
+        return future
+
+
+def _sink(producer: SizeLimitedProducer) -> Any:
+    from types import SimpleNamespace
+
+    from adapters.faust_app import FaustSink
+    from moderation_worker.settings import Settings
+
+    conf = SimpleNamespace(producer_max_request_size=1_000_000, id="t")
+    return FaustSink(SimpleNamespace(conf=conf, producer=producer), Settings())
+
+
+async def test_a_record_the_broker_refuses_for_its_size_is_replaced_by_a_minimal_one() -> None:
+    outcomes = corpus_outcomes()
+    big = next(o for c, o in zip(CORPUS, outcomes, strict=True) if c.name == "800 kB meta")
+    small = next(o for c, o in zip(CORPUS, outcomes, strict=True) if c.name == "fine")
+    producer = SizeLimitedProducer(broker_limit=10_000)
+    await _sink(producer).publish([big, small])
+    assert len(producer.accepted) == 2, "one record per outcome, none lost"
+    values = {orjson.loads(v)["id"]: orjson.loads(v) for _, _, v, _ in producer.accepted}
+    assert values["big-meta"]["minimal"] is True and "meta" not in values["big-meta"]
+    assert "minimal" not in values["ok1"]
+    validate(values["big-meta"], verdict=True)
+
+
+async def test_a_broker_outage_is_not_mistaken_for_a_size_refusal() -> None:
+    from aiokafka.errors import KafkaConnectionError
+
+    with pytest.raises(KafkaConnectionError):
+        await _sink(SizeLimitedProducer(10_000, fail_other=True)).publish(corpus_outcomes()[-1:])

@@ -1,0 +1,223 @@
+"""Hardening through a real Kafka-protocol broker (embedded Tansu, or MODERATION_TEST_BROKER).
+
+The hostile corpus, a hung model, a stop signal mid-batch and a rebalance mid-batch, each
+against a worker process started exactly as `moderation-worker worker` starts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonschema
+import orjson
+import pytest
+
+from moderation_worker import schemas
+from tests.fixtures_broker import (
+    BrokerInfo,
+    TopicSet,
+    WorkerProcess,
+    comment,
+    committed_offsets,
+    create_topics,
+    read_outputs,
+    worker_env,
+)
+from tests.hostile_corpus import CORPUS, TRACEPARENT, VERDICT
+from tests.test_worker_broker import assert_nothing_committed_without_output, wait_for_commit
+
+pytestmark = pytest.mark.broker
+
+
+async def produce_records(
+    broker: BrokerInfo,
+    topic: str,
+    records: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]],
+) -> list[tuple[int, int]]:
+    """Send (key, value, headers) records one partition at a time; their (partition, offset)."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(
+        bootstrap_servers=broker.bootstrap, linger_ms=5, max_request_size=2_000_000
+    )
+    await producer.start()
+    try:
+        futures = [
+            await producer.send(topic, key=k, value=v, headers=h or None, partition=0)
+            for k, v, h in records
+        ]
+        metadata = await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return [(m.partition, m.offset) for m in metadata]
+
+
+@dataclass
+class Record:
+    topic: str
+    key: bytes | None
+    value: dict[str, Any]
+    headers: dict[str, bytes] = field(default_factory=dict)
+
+
+async def read_records(
+    broker: BrokerInfo, topics: TopicSet, n: int, timeout: float
+) -> list[Record]:
+    """Both output topics from the start, with keys and headers, until `n` records or timeout."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        topics.verdicts,
+        topics.dlq,
+        bootstrap_servers=broker.bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        metadata_max_age_ms=500,
+        fetch_max_bytes=8_000_000,
+        max_partition_fetch_bytes=4_000_000,
+    )
+    await consumer.start()
+    out: list[Record] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < n and time.monotonic() < deadline:
+            for tp, messages in (await consumer.getmany(timeout_ms=200)).items():
+                for m in messages:
+                    out.append(
+                        Record(tp.topic, m.key, orjson.loads(m.value), dict(m.headers or ()))
+                    )
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def test_hostile_corpus_through_the_broker_one_valid_output_each_and_the_worker_stays_up(
+    broker: BrokerInfo, topics: TopicSet, spawn_worker: Any
+) -> None:
+    await create_topics(broker, [topics.input], partitions=1)
+    worker: WorkerProcess = spawn_worker(
+        worker_env(broker, topics, partitions=1), scorer={"poison_marker": "POISON"}
+    )
+    worker.wait_ready()
+    positions = await produce_records(
+        broker, topics.input, [(c.key, c.value, c.headers) for c in CORPUS]
+    )
+    records = await read_records(broker, topics, len(CORPUS), timeout=60)
+    await asyncio.sleep(0.5)
+    assert len(records) == len(CORPUS), worker.log_tail()
+
+    by_offset = {r.value["source"]["offset"]: r for r in records}
+    assert len(by_offset) == len(CORPUS), "exactly one output per input"
+    checker = jsonschema.FormatChecker()
+    for case, (_, offset) in zip(CORPUS, positions, strict=True):
+        record = by_offset[offset]
+        is_verdict = record.topic == topics.verdicts
+        got = VERDICT if is_verdict else record.value["reason"]
+        assert got == case.expect, (case.name, record.value)
+        schema = schemas.load("verdict" if is_verdict else "dead-letter")
+        jsonschema.validate(record.value, schema, format_checker=checker)
+        assert record.headers["x-moderation-outcome"] == (
+            b"verdict" if is_verdict else b"dead_letter"
+        )
+        if ("traceparent", TRACEPARENT) in case.headers:
+            assert record.headers["traceparent"] == TRACEPARENT
+        if case.key is not None and len(case.key) > 4096:
+            assert record.key is not None and record.key.startswith(b"sha256:")
+        else:
+            assert record.key == case.key
+        if is_verdict:
+            assert record.value["latency_ms"] >= 0
+
+    status, body = worker.health()
+    assert status == 200 and body["status"] == "ready", "the worker stayed up"
+    await wait_for_commit(broker, topics, 1, len(CORPUS))
+    committed = await committed_offsets(broker, topics.app_id, topics.input, 1)
+    assert committed[0] == len(CORPUS)
+    for page in ("/router", "/table", "/graph"):  # Faust's debug pages are off
+        with pytest.raises(Exception, match="404"):
+            worker.get(page)
+
+
+async def test_a_hung_model_turns_health_503_then_stops_the_worker_with_nothing_acked(
+    broker: BrokerInfo, topics: TopicSet, spawn_worker: Any
+) -> None:
+    await create_topics(broker, [topics.input], partitions=1)
+    env = worker_env(broker, topics, partitions=1, model_timeout_s=1.5, shutdown_timeout_s=5)
+    worker: WorkerProcess = spawn_worker(env, scorer={"hang_marker": "HANG", "hang_s": 600})
+    worker.wait_ready()
+    records = [(b"k", comment(i, "HANG" if i == 3 else None), []) for i in range(6)]
+    await produce_records(broker, topics.input, records)
+
+    saw_503 = None
+    deadline = time.monotonic() + 30
+    while worker.proc is not None and worker.proc.poll() is None:
+        health = worker.health()
+        if health is not None and health[0] == 503:
+            saw_503 = health[1]
+        assert time.monotonic() < deadline, "a hung model must stop the worker"
+        await asyncio.sleep(0.1)
+    assert worker.proc is not None and worker.proc.returncode != 0
+    assert saw_503 is not None and saw_503["reason"] == "model_timeout", saw_503
+    assert "error" not in saw_503, "no exception text on /health"
+    assert any(r.get("reason") == "model_timeout" for r in worker.log_lines())
+    out = await read_outputs(broker, topics, idle=1.0)
+    await assert_nothing_committed_without_output(broker, topics, 1, out)
+    assert "c3" not in out.ids()
+
+
+async def test_sigterm_mid_batch_finishes_publishes_and_commits_no_duplicates_no_loss(
+    broker: BrokerInfo, topics: TopicSet, spawn_worker: Any
+) -> None:
+    n, partitions = 64, 2
+    await create_topics(broker, [topics.input], partitions)
+    env = worker_env(broker, topics, partitions=partitions)
+    first: WorkerProcess = spawn_worker(env, scorer={"delay_s": 0.6})
+    first.wait_ready()
+    await produce_records(
+        broker, topics.input, [(f"u{i % 7}".encode(), comment(i), []) for i in range(n)]
+    )
+    await read_outputs(broker, topics, until=lambda o: len(o.all) >= 8, timeout=30)
+    first.signal(signal.SIGTERM)  # a batch is in the model now (each call takes 0.6 s)
+    assert await asyncio.to_thread(first.wait, 60) == 0
+    assert any(r["msg"].startswith("stopping: finishing") for r in first.log_lines())
+    partial = await read_outputs(broker, topics, idle=1.0)
+    committed = await assert_nothing_committed_without_output(broker, topics, partitions, partial)
+    assert sum(committed.values()) == len(partial.all), "everything published was committed"
+
+    second = spawn_worker(env)
+    second.wait_ready()
+    out = await read_outputs(broker, topics, until=lambda o: len(o.all) >= n, timeout=40)
+    await asyncio.sleep(1.0)
+    out = await read_outputs(broker, topics, idle=1.0)
+    assert sorted(out.sources()) == sorted(set(out.sources())), "no duplicates"
+    assert out.ids() == {f"c{i}" for i in range(n)}, "no loss"
+
+
+async def test_a_rebalance_while_a_batch_is_in_the_model_loses_and_repeats_nothing(
+    broker: BrokerInfo, topics: TopicSet, spawn_worker: Any
+) -> None:
+    n, partitions = 96, 4
+    await create_topics(broker, [topics.input], partitions)
+    env = worker_env(broker, topics, partitions=partitions)
+    a: WorkerProcess = spawn_worker(env, scorer={"delay_s": 0.5})
+    a.wait_ready()
+    await produce_records(
+        broker, topics.input, [(f"u{i % 11}".encode(), comment(i), []) for i in range(n)]
+    )
+    await read_outputs(broker, topics, until=lambda o: len(o.all) >= 8, timeout=30)
+    b: WorkerProcess = spawn_worker(env, scorer={"delay_s": 0.05})  # joins: a rebalance
+    out = await read_outputs(broker, topics, until=lambda o: len(o.ids()) >= n, timeout=90)
+    await asyncio.sleep(1.0)
+    out = await read_outputs(broker, topics, idle=1.0)
+    assert out.ids() == {f"c{i}" for i in range(n)}, "no loss"
+    assert sorted(out.sources()) == sorted(set(out.sources())), "no duplicates"
+    ha, hb = a.health(), b.health()
+    assert ha is not None and hb is not None
+    assert ha[1]["assigned_partitions"] and hb[1]["assigned_partitions"], "the group split"
+    await wait_for_commit(broker, topics, partitions, n)
+    await assert_nothing_committed_without_output(broker, topics, partitions, out)
