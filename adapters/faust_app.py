@@ -52,6 +52,8 @@ from .metrics import PipelineMetrics
 log = logging.getLogger("moderation_worker.worker")
 
 AGENT_NAME = "moderate"
+#: Seconds `/health` shows a failure (503 and its reason) before the worker stops.
+CRASH_HEALTH_GRACE_S = 3.0
 
 
 class ThresholdHolder:
@@ -266,8 +268,10 @@ class WorkerState:
     async def crash(self, exc: BaseException) -> None:
         """Stop the worker with an error: unacked events are rescored after the restart.
 
-        A model call that timed out still runs in its thread, and the interpreter would wait
-        for it at exit; the watchdog ends the process if the stop takes too long.
+        `/health` answers 503 with the reason for a few seconds before the stop begins, so a
+        probe or a person sees why; nothing is acknowledged meanwhile. A model call that timed
+        out still runs in its thread, and the interpreter would wait for it at exit: the
+        watchdog ends the process if the stop takes too long.
         """
         if self.failure is None:
             self.failure = exc
@@ -277,6 +281,7 @@ class WorkerState:
                 extra={"reason": failure_reason(exc)},
             )
             arm_exit_watchdog(self.settings.shutdown_timeout_s, 1, "crash")
+            await asyncio.sleep(min(CRASH_HEALTH_GRACE_S, self.settings.shutdown_timeout_s / 4))
             await self.app.crash(exc)
 
     def begin_stop(self) -> None:

@@ -16,14 +16,12 @@ So, two small hooks:
 * `PartitionRecords._unpack_records` (aiokafka, once per process) re-raises any decode error as
   `UndecodableBatch`, which names topic, partition, offset and codec;
 * the app's consumer `_getmany` (per app) sees `UndecodableBatch`, logs it with those fields,
-  and calls `WorkerState.crash`, so `/health` answers 503 with the short reason; Faust's own
-  shutdown then stops the worker (exit code 1). A shutdown receiver keeps the web server up for
-  `HEALTH_GRACE_S` first, so a probe or an operator can read the reason before the exit.
+  and calls `WorkerState.crash`, so `/health` answers 503 with the short reason (for a few
+  seconds, before the stop begins); Faust's own shutdown then stops the worker (exit code 1).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -33,10 +31,6 @@ from aiokafka.consumer import fetcher as _aiokafka_fetcher
 from aiokafka.errors import KafkaError, UnsupportedCodecError
 
 log = logging.getLogger("moderation_worker.worker")
-
-#: How long the web server keeps answering `/health` (503, with the reason) after an
-#: undecodable batch stopped the worker, before Faust shuts it down.
-HEALTH_GRACE_S = 3.0
 
 #: The codec in the low three bits of a record batch's attributes.
 CODECS = {0: "none", 1: "gzip", 2: "snappy", 3: "lz4", 4: "zstd"}
@@ -149,14 +143,7 @@ def install(app: faust.App) -> None:
     app._new_consumer = _new_guarded_consumer  # type: ignore[method-assign]
     if app._consumer is not None:  # already built: guard it in place
         _guard_consumer(app, app._consumer)
-
-    async def _linger_on_undecodable(sender: Any, **_: Any) -> None:
-        state = getattr(app, "moderation", None)
-        if isinstance(getattr(state, "failure", None), UndecodableBatch):
-            # Well inside the crash watchdog (`shutdown_timeout_s`), which would cut it short.
-            await asyncio.sleep(min(HEALTH_GRACE_S, state.settings.shutdown_timeout_s / 4))
-
-    app.on_before_shutdown.connect(_linger_on_undecodable)  # a strong reference (weak=False)
+    # `/health` shows the failure for a few seconds before the stop: `WorkerState.crash`.
 
 
 def _guard_consumer(app: faust.App, consumer: Any) -> None:

@@ -190,12 +190,12 @@ def parse_comment(
         if "recursion" in str(exc).lower() or "depth limit" in str(exc).lower():
             raise InvalidEvent(TOO_DEEP, f"event nests too deeply to parse: {exc}") from None
         raise InvalidEvent(INVALID_JSON, f"event is not valid JSON: {exc}") from None
-    depth = nesting_depth(obj, max_depth)
+    depth, n_id, n_text = _shape(obj, max_depth)
     if depth > max_depth:
         raise InvalidEvent(
             TOO_DEEP, f"event nests deeper than {max_depth} levels of objects and arrays"
         )
-    if isinstance(obj, dict) and _needs_strict_parse(raw):
+    if isinstance(obj, dict) and _needs_strict_parse(raw, n_id, n_text):
         obj = _strict_parse(raw)
     return comment_from_object(obj, max_text_chars)
 
@@ -203,21 +203,32 @@ def parse_comment(
 def nesting_depth(obj: Any, limit: int) -> int:
     """Depth of nested objects/arrays (a scalar is 0), counted without recursion and stopping
     once past `limit`, so a hostile event costs at most its own size to check."""
-    deepest = 0
+    return _shape(obj, limit)[0]
+
+
+def _shape(obj: Any, limit: int) -> tuple[int, int, int]:
+    """(depth, how often "id" and "text" occur as keys or string values) in one pass."""
+    deepest = n_id = n_text = 0
     stack: list[tuple[Any, int]] = [(obj, 1)]
     while stack:
         node, depth = stack.pop()
         if isinstance(node, dict):
+            n_id += "id" in node
+            n_text += "text" in node
             children: Any = node.values()
         elif isinstance(node, list):
             children = node
         else:
+            if node == "id":
+                n_id += 1
+            elif node == "text":
+                n_text += 1
             continue
         deepest = max(deepest, depth)
         if deepest > limit:
-            return deepest
+            break
         stack.extend((child, depth + 1) for child in children)
-    return deepest
+    return deepest, n_id, n_text
 
 
 #: 19+ digits: an integer that may not fit in 64 bits (orjson would turn it into a float).
@@ -230,13 +241,18 @@ def _as_bytes(raw: bytes | str) -> bytes:
     return raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
 
 
-def _needs_strict_parse(raw: bytes | str) -> bool:
+def _needs_strict_parse(raw: bytes | str, n_id: int, n_text: int) -> bool:
     """Cheap test for what orjson's fast parse cannot show: a repeated `id`/`text` key
-    (possibly spelled with escapes) or an integer beyond 64 bits."""
+    (possibly spelled with escapes) or an integer beyond 64 bits.
+
+    orjson keeps one copy of a repeated key, so the raw bytes then hold more `"id"` than the
+    parsed event has as keys and values (`n_id`, from `_shape`); a nested `user.id` counts on
+    both sides and costs nothing. Escapes and long digit runs go the slow way too.
+    """
     data = _as_bytes(raw)
     return (
-        data.count(b'"id"') > 1
-        or data.count(b'"text"') > 1
+        data.count(b'"id"') > n_id
+        or data.count(b'"text"') > n_text
         or b"\\u" in data
         or _LONG_DIGITS.search(data) is not None
     )

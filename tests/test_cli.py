@@ -159,7 +159,8 @@ def test_score_command_through_the_console_script(trained, tmp_path) -> None:
     assert [v["id"] for v in verdicts] == ["a", "c"]
     assert verdicts[0]["meta"] == {"user": "u1"} and verdicts[0]["threshold"] == 0.5
     assert verdicts[0]["model"]["lora_sha256"]
-    letters = [orjson.loads(x) for x in proc.stderr.splitlines() if x.startswith(b'{"reason"')]
+    records = [orjson.loads(x) for x in proc.stderr.splitlines() if x.startswith(b"{")]
+    letters = [x for x in records if "reason" in x and x.get("schema_version") == 1]
     assert sorted(x["reason"] for x in letters) == ["empty_text", "invalid_json", "not_utf8"]
 
 
