@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,12 +189,12 @@ def parse_comment(
         if "recursion" in str(exc).lower() or "depth limit" in str(exc).lower():
             raise InvalidEvent(TOO_DEEP, f"event nests too deeply to parse: {exc}") from None
         raise InvalidEvent(INVALID_JSON, f"event is not valid JSON: {exc}") from None
-    depth, n_id, n_text = _shape(obj, max_depth)
+    depth, n_id, n_text, huge = _shape(obj, max_depth)
     if depth > max_depth:
         raise InvalidEvent(
             TOO_DEEP, f"event nests deeper than {max_depth} levels of objects and arrays"
         )
-    if isinstance(obj, dict) and _needs_strict_parse(raw, n_id, n_text):
+    if isinstance(obj, dict) and (huge or _needs_strict_parse(raw, n_id, n_text)):
         obj = _strict_parse(raw)
     return comment_from_object(obj, max_text_chars)
 
@@ -206,33 +205,49 @@ def nesting_depth(obj: Any, limit: int) -> int:
     return _shape(obj, limit)[0]
 
 
-def _shape(obj: Any, limit: int) -> tuple[int, int, int]:
-    """(depth, how often "id" and "text" occur as keys or string values) in one pass."""
+def _shape(obj: Any, limit: int) -> tuple[int, int, int, bool]:
+    """(depth, how often "id" and "text" occur as keys or string values, whether a number is
+    beyond 64-bit integer range) in one pass.
+
+    orjson turns an integer beyond 64 bits into a float, so a float that large marks where the
+    exact digits must be recovered. Only containers go on the stack; scalars are looked at in
+    place (this runs per event).
+    """
+    if type(obj) is not dict and type(obj) is not list:
+        return 0, int(obj == "id"), int(obj == "text"), False
     deepest = n_id = n_text = 0
+    huge = False
     stack: list[tuple[Any, int]] = [(obj, 1)]
     while stack:
         node, depth = stack.pop()
-        if isinstance(node, dict):
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                break
+        if type(node) is dict:
             n_id += "id" in node
             n_text += "text" in node
             children: Any = node.values()
-        elif isinstance(node, list):
-            children = node
         else:
-            if node == "id":
-                n_id += 1
-            elif node == "text":
-                n_text += 1
-            continue
-        deepest = max(deepest, depth)
-        if deepest > limit:
-            break
-        stack.extend((child, depth + 1) for child in children)
-    return deepest, n_id, n_text
+            children = node
+        for child in children:
+            kind = type(child)
+            if kind is dict or kind is list:
+                stack.append((child, depth + 1))
+            elif kind is str and (child == "id" or child == "text"):
+                if child == "id":
+                    n_id += 1
+                else:
+                    n_text += 1
+            elif kind is float and not -_HUGE < child < _HUGE:
+                huge = True
+    return deepest, n_id, n_text, huge
 
 
-#: 19+ digits: an integer that may not fit in 64 bits (orjson would turn it into a float).
-_LONG_DIGITS = re.compile(rb"\d{19}")
+#: Floats at least this large may be integers orjson could not hold in 64 bits.
+_HUGE = float(2**63)
+
+
 _UINT64_MAX = 2**64 - 1
 _INT64_MIN = -(2**63)
 
@@ -242,20 +257,14 @@ def _as_bytes(raw: bytes | str) -> bytes:
 
 
 def _needs_strict_parse(raw: bytes | str, n_id: int, n_text: int) -> bool:
-    """Cheap test for what orjson's fast parse cannot show: a repeated `id`/`text` key
-    (possibly spelled with escapes) or an integer beyond 64 bits.
+    """Cheap test for a repeated `id`/`text` key, which orjson's fast parse cannot show.
 
     orjson keeps one copy of a repeated key, so the raw bytes then hold more `"id"` than the
     parsed event has as keys and values (`n_id`, from `_shape`); a nested `user.id` counts on
-    both sides and costs nothing. Escapes and long digit runs go the slow way too.
+    both sides and costs nothing. A key spelled with escapes (`"\\u0069d"`) goes the slow way.
     """
     data = _as_bytes(raw)
-    return (
-        data.count(b'"id"') > n_id
-        or data.count(b'"text"') > n_text
-        or b"\\u" in data
-        or _LONG_DIGITS.search(data) is not None
-    )
+    return data.count(b'"id"') > n_id or data.count(b'"text"') > n_text or b"\\u" in data
 
 
 def _strict_parse(raw: bytes | str) -> dict[str, Any]:

@@ -221,3 +221,39 @@ async def test_a_rebalance_while_a_batch_is_in_the_model_loses_and_repeats_nothi
     assert ha[1]["assigned_partitions"] and hb[1]["assigned_partitions"], "the group split"
     await wait_for_commit(broker, topics, partitions, n)
     await assert_nothing_committed_without_output(broker, topics, partitions, out)
+
+
+async def test_a_stalled_broker_fails_the_publish_in_time_turns_health_503_and_stops_unacked(
+    tmp_path: Any, spawn_worker: Any
+) -> None:
+    """The broker process is frozen (SIGSTOP) while the worker publishes: without a publish
+    limit the worker would wait on Faust's 20-minute producer timeout with /health at 200."""
+    from adapters.tansu import TansuBroker
+
+    with TansuBroker() as tansu:
+        broker = BrokerInfo(url=tansu.url, bootstrap=tansu.bootstrap, embedded=True)
+        topics = TopicSet.fresh()
+        await create_topics(broker, [topics.input], partitions=1)
+        env = worker_env(broker, topics, partitions=1, publish_timeout_s=2, shutdown_timeout_s=6)
+        worker: WorkerProcess = spawn_worker(env, scorer={"delay_s": 0.4})
+        worker.wait_ready()
+        await produce_records(broker, topics.input, [(b"k", comment(i), []) for i in range(40)])
+        await read_outputs(broker, topics, until=lambda o: len(o.all) >= 8, timeout=30)
+        assert tansu._proc is not None
+        tansu._proc.send_signal(signal.SIGSTOP)
+        try:
+            saw_503 = None
+            deadline = time.monotonic() + 40
+            while worker.proc is not None and worker.proc.poll() is None:
+                health = worker.health()
+                if health is not None and health[0] == 503 and "reason" in health[1]:
+                    saw_503 = health[1]
+                assert time.monotonic() < deadline, "a stalled broker must stop the worker"
+                await asyncio.sleep(0.1)
+        finally:
+            tansu._proc.send_signal(signal.SIGCONT)
+        assert worker.proc is not None and worker.proc.returncode != 0
+        assert saw_503 is not None and saw_503["reason"] == "publish_timeout", saw_503
+        out = await read_outputs(broker, topics, idle=1.0)
+        await assert_nothing_committed_without_output(broker, topics, 1, out)
+        assert len(out.ids()) < 40
