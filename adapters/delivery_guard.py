@@ -137,7 +137,7 @@ def _override_problems(conf: Any, settings: Settings, covered: set[str]) -> list
     replaced: `WEB_BIND=0.0.0.0` would open the web server that `web_bind` keeps on loopback,
     `TOPIC_REPLICATION_FACTOR=1` would undo `topic_replication_factor`. Settings belong in
     `MODERATION_*`, where they are validated and shown by `moderation-worker config`."""
-    from .faust_app import faust_options
+    from adapters.faust_app import faust_options
 
     problems = []
     for setting, passed in faust_options(settings).items():
@@ -195,6 +195,6 @@ def check_delivery_conf(conf: Any, settings: Settings) -> None:
 
 def preflight(settings: Settings) -> None:
     """The same check before anything slow happens (the CLI runs it before loading the model)."""
-    from .faust_app import faust_options
+    from adapters.faust_app import faust_options
 
     check_delivery_conf(faust.Settings(settings.app_id, **faust_options(settings)), settings)

@@ -31,6 +31,11 @@ from typing import Any
 import faust
 from faust.types import TP
 
+from adapters import codecs, fetch_guard, kafka_security
+from adapters.delivery_guard import check_delivery_config
+from adapters.delivery_guard import preflight as delivery_preflight
+from adapters.jsonlog import logging_config
+from adapters.metrics import PipelineMetrics
 from moderation_worker.batching import (
     BatchPipeline,
     BatchProcessor,
@@ -42,12 +47,6 @@ from moderation_worker.batching import (
 from moderation_worker.events import SourcePosition
 from moderation_worker.settings import Settings, SettingsError
 from moderation_worker.verdicts import ProbabilityModel
-
-from . import codecs, fetch_guard, kafka_security
-from .delivery_guard import check_delivery_config
-from .delivery_guard import preflight as delivery_preflight
-from .jsonlog import logging_config
-from .metrics import PipelineMetrics
 
 log = logging.getLogger("moderation_worker.worker")
 

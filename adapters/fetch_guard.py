@@ -161,7 +161,7 @@ def _guard_consumer(app: faust.App, consumer: Any) -> None:
 
 async def on_undecodable(app: faust.App, exc: UndecodableBatch) -> None:
     """Log the batch and crash the worker through its `WorkerState` (health: 503, the reason)."""
-    from .faust_app import worker_state
+    from adapters.faust_app import worker_state
 
     log.error(
         "record batch cannot be decoded; stopping the worker, nothing of it is acknowledged",

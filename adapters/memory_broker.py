@@ -24,6 +24,7 @@ from faust.transport.consumer import Consumer as _FaustConsumer
 from faust.types import TP
 from intervaltree import IntervalTree
 
+from adapters.codecs import build_record
 from moderation_worker.batching import (
     BatchPipeline,
     BatchProcessor,
@@ -33,8 +34,6 @@ from moderation_worker.batching import (
     admit,
 )
 from moderation_worker.events import DEFAULT_MAX_TEXT_CHARS, SourcePosition
-
-from .codecs import build_record
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 import orjson
 
-from .events import (
+from moderation_worker.events import (
     DEFAULT_MAX_DEPTH,
     DEFAULT_MAX_TEXT_CHARS,
     SCORING_FAILED,
@@ -42,7 +42,7 @@ from .events import (
     parse_comment,
     utc_now,
 )
-from .verdicts import ProbabilityModel, make_verdicts
+from moderation_worker.verdicts import ProbabilityModel, make_verdicts
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 import orjson  # noqa: E402
 
-from .settings import DEFAULT_MODEL, SettingsError, load_settings  # noqa: E402
+from moderation_worker.settings import DEFAULT_MODEL, SettingsError, load_settings  # noqa: E402
 
 
 def _add_model_args(p: argparse.ArgumentParser, lora_default: str | None = "default") -> None:
@@ -41,7 +41,12 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _prompt_from_args(args: argparse.Namespace):
-    from .prompts import DEFAULT_INSTRUCTIONS, DEFAULT_LABELS, DEFAULT_SEPARATOR, PromptSettings
+    from moderation_worker.model.prompts import (
+        DEFAULT_INSTRUCTIONS,
+        DEFAULT_LABELS,
+        DEFAULT_SEPARATOR,
+        PromptSettings,
+    )
 
     labels = tuple(s.strip() for s in args.labels.split(",")) if args.labels else DEFAULT_LABELS
     return PromptSettings(
@@ -54,7 +59,7 @@ def _prompt_from_args(args: argparse.Namespace):
 
 
 def _classifier(args: argparse.Namespace, prompt=None, threshold: float | None = None):
-    from adapters.model_sources import build_classifier
+    from moderation_worker.model.sources import build_classifier
 
     return build_classifier(
         args.model, args.lora, threshold=threshold, batch_size=args.batch_size, prompt=prompt
@@ -70,15 +75,14 @@ def _print_json(obj: Any) -> None:
 
 # --------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
-    from adapters.model_sources import load_model_source
-
-    from .classifier import AgileClassifier
-    from .data import load_splits
-    from .evaluation import evaluate
-    from .lora import LoraMetadata, lora_paths, save_lora
-    from .prompts import PromptEncoder
-    from .thresholds import choose_threshold
-    from .training import TrainingConfig, train_lora
+    from moderation_worker.model.classifier import AgileClassifier
+    from moderation_worker.model.lora import LoraMetadata, lora_paths, save_lora
+    from moderation_worker.model.prompts import PromptEncoder
+    from moderation_worker.model.sources import load_model_source
+    from moderation_worker.model.training import TrainingConfig, train_lora
+    from moderation_worker.thresholds import choose_threshold
+    from moderation_worker.tools.data import load_splits
+    from moderation_worker.tools.evaluation import evaluate
 
     splits = load_splits(args.data, args.validation_rows, args.seed)
     train = (
@@ -153,8 +157,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- calibrate
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .data import load_splits
-    from .thresholds import choose_threshold, write_threshold_file
+    from moderation_worker.thresholds import choose_threshold, write_threshold_file
+    from moderation_worker.tools.data import load_splits
 
     splits = load_splits(args.data, args.validation_rows, args.seed)
     clf = _classifier(args)
@@ -171,17 +175,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .data import load_splits
-    from .evaluation import bootstrap_ci, evaluate, write_report
-    from .plots import plot_confusion, plot_roc, plot_score_histogram
-    from .settings import read_threshold_file
+    from moderation_worker.settings import read_threshold_file
+    from moderation_worker.tools.data import load_splits
+    from moderation_worker.tools.evaluation import bootstrap_ci, evaluate, write_report
+    from moderation_worker.tools.plots import plot_confusion, plot_roc, plot_score_histogram
 
     splits = load_splits(args.data, args.validation_rows, args.seed)
     split = getattr(splits, args.split)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.model == "baseline:tfidf":
-        from .baseline import TfidfBaseline
+        from moderation_worker.tools.baseline import TfidfBaseline
 
         baseline = TfidfBaseline().fit(list(splits.train.texts), splits.train.labels)
         p_val = baseline.predict_proba(list(splits.validation.texts))[:, 1]
@@ -200,7 +204,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     elif args.threshold is not None:
         threshold, policy = args.threshold, "given"
     elif args.policy:
-        from .thresholds import choose_threshold
+        from moderation_worker.thresholds import choose_threshold
 
         choice = choose_threshold(splits.validation.labels, p_val, args.policy)
         threshold, policy = choice.threshold, f"{choice.policy} (validation)"
@@ -238,8 +242,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- quality
 def cmd_quality(args: argparse.Namespace) -> int:
-    from .data import load_splits
-    from .quality import Entry, build_report, load_or_score, render_markdown
+    from moderation_worker.tools.data import load_splits
+    from moderation_worker.tools.quality import Entry, build_report, load_or_score, render_markdown
 
     splits = load_splits(args.data, args.validation_rows, args.seed)
     out = Path(args.out)
@@ -262,15 +266,15 @@ def cmd_quality(args: argparse.Namespace) -> int:
 
 
 def _score_entry(entry, splits, args: argparse.Namespace):
-    from .quality import score_entry
+    from moderation_worker.tools.quality import score_entry
 
     return score_entry(entry, splits, batch_size=args.batch_size)
 
 
 # --------------------------------------------------------------------------- score
 def cmd_score(args: argparse.Namespace) -> int:
-    from .events import DeadLetter, InvalidEvent, parse_comment
-    from .verdicts import make_verdicts
+    from moderation_worker.events import DeadLetter, InvalidEvent, parse_comment
+    from moderation_worker.verdicts import make_verdicts
 
     clf = _classifier(args, threshold=args.threshold)
     stream = open(args.input, "rb") if args.input not in (None, "-") else sys.stdin.buffer
@@ -327,9 +331,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from adapters.delivery_guard import DeliveryConfigError, preflight
     from adapters.faust_app import run_worker
-    from adapters.model_sources import build_classifier
-
-    from .prompts import PromptSettings
+    from moderation_worker.model.prompts import PromptSettings
+    from moderation_worker.model.sources import build_classifier
 
     settings = _settings(args)
     try:
@@ -364,20 +367,25 @@ def cmd_worker(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
     """Wire the adapters into `bench` (the core never imports them) and run it."""
-    from adapters.model_sources import load_model_source
-
-    from .bench import SECTIONS, BenchEdges, BenchOptions, run_bench, run_child, shell_command
+    from moderation_worker.model.sources import load_model_source
+    from moderation_worker.tools.bench import (
+        SECTIONS,
+        BenchEdges,
+        BenchOptions,
+        run_bench,
+        run_child,
+        shell_command,
+    )
 
     if args.child:  # one thread-settings variant, in a fresh process
         print(orjson.dumps(run_child(orjson.loads(args.child), load_model_source)).decode())
         return 0
     edges = BenchEdges(load_model=load_model_source)
     try:
-        from adapters.pipeline_bench import bench_texts, measure_pipeline
         from adapters.tansu import TansuBroker
-
-        from .settings import Settings
-        from .trivial_scorer import TrivialScorer
+        from moderation_worker.settings import Settings
+        from moderation_worker.tools.pipeline_bench import bench_texts, measure_pipeline
+        from moderation_worker.tools.trivial_scorer import TrivialScorer
 
         edges.measure_pipeline, edges.broker = measure_pipeline, TansuBroker
         edges.trivial_scorer = lambda n: TrivialScorer(batch_size=n)
@@ -400,8 +408,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Embedded broker + the real worker + sample stream + summary table (adapters/demo.py)."""
-    from adapters.demo import DemoConfig, run_demo_command
+    """Embedded broker + the real worker + sample stream + summary table (tools/demo.py)."""
+    from moderation_worker.tools.demo import DemoConfig, run_demo_command
 
     config = DemoConfig(
         input_file=Path(args.input) if args.input else None,

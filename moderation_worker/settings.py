@@ -21,7 +21,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from .events import DEFAULT_MAX_DEPTH, DEFAULT_MAX_TEXT_CHARS
+from moderation_worker.events import DEFAULT_MAX_DEPTH, DEFAULT_MAX_TEXT_CHARS
 
 CONFIG_FILE_ENV = "MODERATION_CONFIG_FILE"
 DEFAULT_MODEL = "gemma3-270m"

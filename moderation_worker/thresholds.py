@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
 
-from .events import utc_now
+from moderation_worker.events import utc_now
 
 MAX_F1 = "max-f1"
 YOUDEN = "youden"

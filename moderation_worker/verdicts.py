@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .events import Comment, ModelIdentity, SourcePosition, Verdict, utc_now
+from moderation_worker.events import Comment, ModelIdentity, SourcePosition, Verdict, utc_now
 
 
 class ProbabilityModel(Protocol):

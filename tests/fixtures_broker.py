@@ -143,7 +143,7 @@ def _worker_main() -> None:
     configured by `MODERATION_TEST_SCORER` (JSON keyword arguments)."""
     from adapters.faust_app import run_worker
     from moderation_worker.settings import load_settings
-    from moderation_worker.trivial_scorer import TrivialScorer
+    from moderation_worker.tools.trivial_scorer import TrivialScorer
 
     spec = json.loads(os.environ.pop(SCORER_ENV, "{}") or "{}")
     disabled = os.environ.pop(DISABLE_CODECS_ENV, "")

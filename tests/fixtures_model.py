@@ -12,8 +12,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
 
-from adapters.model_sources import build_tiny_model  # noqa: E402
-from moderation_worker.classifier import AgileClassifier, LoadedModel  # noqa: E402
+from moderation_worker.model.classifier import AgileClassifier, LoadedModel  # noqa: E402
+from moderation_worker.model.sources import build_tiny_model  # noqa: E402
 
 
 @pytest.fixture

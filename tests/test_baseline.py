@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from moderation_worker.baseline import TfidfBaseline
+from moderation_worker.tools.baseline import TfidfBaseline
 
 HATEFUL = ["vermin", "scum", "subhuman", "filth", "parasites", "disgusting", "hate", "exterminate"]
 NEUTRAL = ["lovely", "recipe", "weather", "football", "garden", "concert", "thanks", "holiday"]

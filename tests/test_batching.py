@@ -30,7 +30,7 @@ from moderation_worker.events import (
     TEXT_TOO_LONG,
     SourcePosition,
 )
-from moderation_worker.trivial_scorer import TrivialScorer
+from moderation_worker.tools.trivial_scorer import TrivialScorer
 
 
 def event(i: int, text: str | None = None, raw: bytes | None = None, **kw: Any) -> InputEvent[int]:

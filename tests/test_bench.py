@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from moderation_worker.bench import count_flops
+from moderation_worker.tools.bench import count_flops
 
 GEMMA3_270M = {
     "hidden_dim": 640,

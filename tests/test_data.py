@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moderation_worker.data import (
+from moderation_worker.tools.data import (
     DataError,
     ethos_splits,
     load_ethos,

@@ -19,7 +19,7 @@ from adapters.delivery_guard import DeliveryConfigError, check_delivery_conf
 from adapters.faust_app import build_app, faust_options
 from moderation_worker.cli import main
 from moderation_worker.settings import Settings, SettingsError
-from moderation_worker.trivial_scorer import TrivialScorer
+from moderation_worker.tools.trivial_scorer import TrivialScorer
 from tests.fixtures_broker import REPO_ROOT, BrokerInfo, TopicSet, worker_env
 
 FAUST_ENV = (
@@ -132,10 +132,10 @@ def test_cli_worker_refuses_before_loading_the_model(
     monkeypatch.setenv("MODERATION_BROKER_URL", "kafka://127.0.0.1:1")
     monkeypatch.setenv("PRODUCER_ACKS", "0")
     loaded: list[str] = []
-    import adapters.model_sources
+    import moderation_worker.model.sources
 
     monkeypatch.setattr(
-        adapters.model_sources, "build_classifier", lambda *a, **k: loaded.append("model")
+        moderation_worker.model.sources, "build_classifier", lambda *a, **k: loaded.append("model")
     )
     with pytest.raises(SystemExit) as exc:
         main(["worker"])

@@ -18,7 +18,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from adapters.demo import (
+from moderation_worker.events import EMPTY_TEXT, INVALID_JSON
+from moderation_worker.settings import Settings
+from moderation_worker.tools.demo import (
     SAMPLE_COMMENTS,
     DemoConfig,
     DemoEvent,
@@ -34,8 +36,6 @@ from adapters.demo import (
     render_table,
     worker_environment,
 )
-from moderation_worker.events import EMPTY_TEXT, INVALID_JSON
-from moderation_worker.settings import Settings
 from tests.fixtures_broker import BROKER_ENV, REPO_ROOT
 
 SAMPLE_IDS = [orjson.loads(line)["id"] for line in SAMPLE_COMMENTS.read_bytes().splitlines()]

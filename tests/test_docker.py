@@ -372,7 +372,8 @@ def test_build_context_lets_in_the_package_sources_and_nothing_else(dockerfiles)
             "pyproject.toml",
             "README.md",
             "moderation_worker/events.py",
-            "adapters/model_sources.py",
+            "moderation_worker/model/sources.py",
+            "adapters/faust_app.py",
         ):
             assert not ignore.excludes(allowed), allowed
         for kept_out in (

@@ -14,14 +14,14 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from moderation_worker.evaluation import (
+from moderation_worker.tools.evaluation import (
     _f1_from_counts,
     bootstrap_ci,
     downsample_indices,
     evaluate,
     write_report,
 )
-from moderation_worker.plots import (
+from moderation_worker.tools.plots import (
     plot_confusion,
     plot_learning_curve,
     plot_roc,

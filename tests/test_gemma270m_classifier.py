@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adapters.model_sources import load_model_source, shipped_lora
-from moderation_worker.classifier import AgileClassifier
+from moderation_worker.model.classifier import AgileClassifier
+from moderation_worker.model.sources import load_model_source, shipped_lora
 
 pytestmark = pytest.mark.gemma270m
 

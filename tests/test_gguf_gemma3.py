@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from adapters.gguf_gemma3 import GEMMA3_270M_NAME, load_gemma3_270m
+from moderation_worker.model.gguf_gemma3 import GEMMA3_270M_NAME, load_gemma3_270m
 
 pytestmark = pytest.mark.gemma270m
 
@@ -136,7 +136,7 @@ def test_a_comment_cannot_produce_control_tokens_or_prompt_markers(gemma, text):
     """On the real Gemma 3 vocabulary: the comment's span of the prompt holds no control token
     (before the fix `<start_of_image>`, `<table>` and `[multimodal]` became special ids), no
     separator and no `Text:` / `Prediction:` field opener, and still reads as the same words."""
-    from moderation_worker.prompts import PromptEncoder, PromptSettings
+    from moderation_worker.model.prompts import PromptEncoder, PromptSettings
 
     _, tok = gemma
     assert {tok.piece_to_id(p) for p in ("<start_of_image>", "<bos>", "<start_of_turn>")} <= (

@@ -29,7 +29,7 @@ from moderation_worker.batching import (
     admit,
 )
 from moderation_worker.events import REASONS, SourcePosition, parse_comment
-from moderation_worker.trivial_scorer import TrivialScorer
+from moderation_worker.tools.trivial_scorer import TrivialScorer
 from tests.hostile_corpus import CORPUS, VERDICT
 
 LIMIT = codecs.DEFAULT_MAX_REQUEST_BYTES

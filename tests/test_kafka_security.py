@@ -802,8 +802,8 @@ def test_cli_worker_exits_2_with_one_line_instead_of_a_traceback(sasl_tansu: Tan
     """`moderation-worker worker` (the production entry point; model factory swapped for the
     trivial scorer) prints the preflight message as one error line and exits 2."""
     code = (
-        "import sys, adapters.model_sources as m\n"
-        "from moderation_worker.trivial_scorer import TrivialScorer\n"
+        "import sys, moderation_worker.model.sources as m\n"
+        "from moderation_worker.tools.trivial_scorer import TrivialScorer\n"
         "m.build_classifier = lambda *a, **k: TrivialScorer(batch_size=8)\n"
         "from moderation_worker.cli import main\n"
         "sys.exit(main(['worker']))\n"

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from moderation_worker.cli import main
-from moderation_worker.quality import Entry
+from moderation_worker.tools.quality import Entry
 
 KIND = ["you are lovely and kind", "thanks friend, great video", "nice song today", "hello world"]
 MEAN = ["i hate you awful stupid people", "everyone here is terrible", "go away angry idiots"]

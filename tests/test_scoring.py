@@ -7,9 +7,9 @@ import keras_hub
 import numpy as np
 import pytest
 
-from moderation_worker.classifier import AgileClassifier, LoadedModel
-from moderation_worker.prompts import PromptEncoder, PromptSettings
-from moderation_worker.scoring import LabelTokenScorer, softmax_np
+from moderation_worker.model.classifier import AgileClassifier, LoadedModel
+from moderation_worker.model.prompts import PromptEncoder, PromptSettings
+from moderation_worker.model.scoring import LabelTokenScorer, softmax_np
 
 TEXTS = [
     "you are lovely",
@@ -43,7 +43,7 @@ def test_label_head_equals_full_causal_lm_logits(tiny_model) -> None:
 
 def test_label_head_equals_full_logits_with_soft_cap_gemma1() -> None:
     """Gemma (v1/v2 family, the preset path) with a final logit soft cap, same equality."""
-    from adapters.model_sources import build_tiny_model
+    from moderation_worker.model.sources import build_tiny_model
 
     tokenizer = build_tiny_model().tokenizer
     keras.utils.set_random_seed(3)

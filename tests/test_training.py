@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adapters.model_sources import build_tiny_model
-from moderation_worker.classifier import AgileClassifier
-from moderation_worker.lora import LoraMetadata, lora_paths, read_lora_metadata, save_lora
-from moderation_worker.prompts import PromptEncoder, PromptSettings
-from moderation_worker.training import (
+from moderation_worker.model.classifier import AgileClassifier
+from moderation_worker.model.lora import LoraMetadata, lora_paths, read_lora_metadata, save_lora
+from moderation_worker.model.prompts import PromptEncoder, PromptSettings
+from moderation_worker.model.sources import build_tiny_model
+from moderation_worker.model.training import (
     LabelledPromptBatches,
     TrainingConfig,
     class_weights,
@@ -87,7 +87,7 @@ def test_missing_metadata_is_a_clear_error(tmp_path) -> None:
 
 def test_length_buckets_are_exact_for_the_label_position(tiny_model) -> None:
     """Padding to 48 instead of 128 tokens must not change the label-position logits."""
-    from moderation_worker.scoring import LabelTokenModel
+    from moderation_worker.model.scoring import LabelTokenModel
 
     encoder = PromptEncoder(tiny_model.tokenizer, PromptSettings())
     prompts = [encoder.encode_ids(t)[0] for t in TEXTS[:4]]
@@ -129,7 +129,7 @@ def test_worker_falls_back_to_the_threshold_calibrated_into_the_lora_weights(tmp
 
 
 def test_history_holds_epoch_means_not_the_last_batch(tiny_model, monkeypatch) -> None:
-    from moderation_worker.scoring import LabelTokenModel
+    from moderation_worker.model.scoring import LabelTokenModel
 
     seen: list[float] = []
     original = LabelTokenModel.train_on_batch

@@ -22,7 +22,7 @@ from adapters.tansu import TansuBroker, free_port, kafka_ready
 from moderation_worker.batching import BatchProcessor, Outcome, admit
 from moderation_worker.events import SourcePosition
 from moderation_worker.settings import Settings, SettingsError
-from moderation_worker.trivial_scorer import TrivialScorer
+from moderation_worker.tools.trivial_scorer import TrivialScorer
 
 
 def settings(**kw: object) -> Settings:

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from adapters.pipeline_bench import bench_texts, measure_pipeline
 from moderation_worker.settings import Settings
-from moderation_worker.trivial_scorer import TrivialScorer
+from moderation_worker.tools.pipeline_bench import bench_texts, measure_pipeline
+from moderation_worker.tools.trivial_scorer import TrivialScorer
 from tests.fixtures_broker import BrokerInfo
 
 pytestmark = pytest.mark.broker

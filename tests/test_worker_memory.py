@@ -19,7 +19,7 @@ from adapters.memory_broker import MemoryBroker, MemorySink, MemoryWorker, Recor
 from adapters.metrics import PipelineMetrics
 from moderation_worker.batching import Batcher, BatchProcessor, PipelineFailure, admit
 from moderation_worker.events import REASONS, SourcePosition
-from moderation_worker.trivial_scorer import TrivialScorer
+from moderation_worker.tools.trivial_scorer import TrivialScorer
 
 GROUP, IN, OUT, DLQ = "g", "comments", "comments.verdicts", "comments.dlq"
 

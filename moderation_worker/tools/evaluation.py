@@ -23,7 +23,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from .thresholds import validate_scores
+from moderation_worker.thresholds import validate_scores
 
 DEFAULT_LABELS = ("not hateful", "hateful")
 MAX_CURVE_POINTS = 200

@@ -41,9 +41,14 @@ import keras
 import numpy as np
 from keras import ops
 
-from .classifier import AgileClassifier, LoadedModel
-from .prompts import EncodedBatch, PromptEncoder, PromptSettings
-from .scoring import LabelTokenScorer, last_token_hidden, output_logits, softmax_np
+from moderation_worker.model.classifier import AgileClassifier, LoadedModel
+from moderation_worker.model.prompts import EncodedBatch, PromptEncoder, PromptSettings
+from moderation_worker.model.scoring import (
+    LabelTokenScorer,
+    last_token_hidden,
+    output_logits,
+    softmax_np,
+)
 
 ETHOS_CSV = Path("/work/shared/data/ethos/Ethos_Dataset_Binary.csv")
 SECTIONS = ("scoring", "tuning", "threads", "pipeline")
@@ -117,7 +122,7 @@ class BenchEdges:
 
     Args:
         load_model: `load_model_source(spec, dtype=None) -> LoadedModel`.
-        measure_pipeline: `adapters.pipeline_bench.measure_pipeline`, or None when absent.
+        measure_pipeline: `tools.pipeline_bench.measure_pipeline`, or None when absent.
         broker: a context-manager factory for an embedded broker with a `.url` (Tansu).
         trivial_scorer: factory `(batch_size) -> ProbabilityModel` with no network.
         settings: factory `(**overrides) -> Settings` for pipeline runs.
@@ -295,7 +300,7 @@ def bench_texts(options: BenchOptions, n: int, seed: int = 0) -> tuple[list[str]
     for any text. Returns the texts and a description of where they came from.
     """
     if options.ethos_csv and Path(options.ethos_csv).is_file():
-        from .data import ethos_splits, load_ethos
+        from moderation_worker.tools.data import ethos_splits, load_ethos
 
         test = list(ethos_splits(load_ethos(options.ethos_csv)).test.texts)
         texts = [test[i % len(test)] for i in range(n)]
@@ -1214,7 +1219,7 @@ def render(report: BenchReport) -> str:
 
     lines += ["## 2./3. Pipeline: broker + Faust + codecs + batching", ""]
     lines += [
-        f"One in-process worker (`adapters.pipeline_bench.measure_pipeline`) on the embedded "
+        f"One in-process worker (`pipeline_bench.measure_pipeline`) on the embedded "
         f"Tansu broker, batch {o.tuning_batch}, `max_wait_ms` 50, 4 partitions, fetch wait "
         "20 ms (a Tansu workaround); the real scorer is the worker's classifier "
         f"({worker_defaults()}), every graph compiled before the clock starts. Throughput runs "
@@ -1317,7 +1322,7 @@ def flop_section(f: FlopCount, config: dict[str, Any], peak: float | None) -> li
         f"at T = {t}, {100 * f.prefix_share:.1f} % of path (c), so at most "
         f"{1 / (1 - f.prefix_share):.2f}x. The share grows when rows are cut to a shorter "
         "length bucket (the prefix is a larger part of a short prompt). `PrefixCachedLabelModel` "
-        "in `moderation_worker/bench.py` is a working prototype (exact to float rounding; the "
+        "in `tools/bench.py` is a working prototype (exact to float rounding; the "
         "tuning table measures it); moving it into `scoring.py` would also need the cache "
         "rebuilt whenever LoRA weights are loaded, since the prefix keys depend on them.",
         "",
@@ -1402,9 +1407,7 @@ def run_bench(options: BenchOptions, edges: BenchEdges) -> BenchReport:
         save()
     if "pipeline" in options.sections:
         if edges.measure_pipeline is None:
-            report.pipeline_note = (
-                "Not measured: `adapters.pipeline_bench.measure_pipeline` is not available."
-            )
+            report.pipeline_note = "Not measured: the pipeline bench is not available."
         else:
             try:
                 measure_pipelines(model, options, edges, report.pipeline)
@@ -1454,7 +1457,7 @@ def worker_defaults() -> str:
     """The classifier settings the worker runs with at this commit (they follow this table)."""
     import inspect
 
-    from .settings import Settings
+    from moderation_worker.settings import Settings
 
     jit = inspect.signature(AgileClassifier.__init__).parameters["jit_compile"].default
     buckets = Settings.model_fields["length_buckets"].default

@@ -27,11 +27,10 @@ from typing import Any
 import faust
 import orjson
 
+from adapters.faust_app import build_app, worker_state
+from adapters.tansu import free_port
 from moderation_worker.settings import Settings
 from moderation_worker.verdicts import ProbabilityModel
-
-from .faust_app import build_app, worker_state
-from .tansu import free_port
 
 _WORDS = (
     "the match last night was great and the referee made a few calls I disagree with "

@@ -16,8 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay, auc, roc_curve
 
-from .evaluation import DEFAULT_LABELS
-from .thresholds import operating_point, validate_scores
+from moderation_worker.thresholds import operating_point, validate_scores
+from moderation_worker.tools.evaluation import DEFAULT_LABELS
 
 FIGSIZE = (6.4, 6.0)
 WIDE_FIGSIZE = (8.0, 5.0)

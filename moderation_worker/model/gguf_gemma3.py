@@ -42,7 +42,7 @@ import numpy as np
 from gguf.quants import dequantize
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from moderation_worker.tokenizer import SentencePieceTokenizer
+from moderation_worker.model.tokenizer import SentencePieceTokenizer
 
 __all__ = [
     "GEMMA3_270M_NAME",

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from .prompts import EncodedBatch
+from moderation_worker.model.prompts import EncodedBatch
 
 
 def last_token_hidden(hidden: object, last_index: object) -> object:

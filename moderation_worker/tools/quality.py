@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from .data import Splits
-from .evaluation import bootstrap_ci, evaluate, write_report
-from .plots import plot_confusion, plot_learning_curve, plot_roc
-from .thresholds import choose_threshold
+from moderation_worker.thresholds import choose_threshold
+from moderation_worker.tools.data import Splits
+from moderation_worker.tools.evaluation import bootstrap_ci, evaluate, write_report
+from moderation_worker.tools.plots import plot_confusion, plot_learning_curve, plot_roc
 
 POLICIES = ("max-f1", "youden", "fpr<=0.1")
 
@@ -56,13 +56,13 @@ Scorer = Callable[[Entry, Splits], tuple[dict[str, Any], int | None, np.ndarray,
 def score_entry(entry: Entry, splits: Splits, batch_size: int = 8):
     """Scores of one entry on validation and test; the TF-IDF baseline fits on train here."""
     if entry.model == "baseline:tfidf":
-        from .baseline import TfidfBaseline
+        from moderation_worker.tools.baseline import TfidfBaseline
 
         model = TfidfBaseline().fit(list(splits.train.texts), splits.train.labels)
         p_val = model.predict_proba(list(splits.validation.texts))[:, 1]
         p_test = model.predict_proba(list(splits.test.texts))[:, 1]
         return {"base_model": "tfidf-logreg", "lora_sha256": None}, len(splits.train), p_val, p_test
-    from adapters.model_sources import build_classifier
+    from moderation_worker.model.sources import build_classifier
 
     clf = build_classifier(entry.model, entry.lora or "none", batch_size=batch_size)
     train_rows = clf.lora.training.get("train_rows") if clf.lora else 0

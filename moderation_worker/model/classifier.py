@@ -15,10 +15,10 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from .events import ModelIdentity
-from .lora import LoraMetadata, load_lora
-from .prompts import PromptEncoder, PromptSettings, Tokenizer
-from .scoring import LabelTokenScorer
+from moderation_worker.events import ModelIdentity
+from moderation_worker.model.lora import LoraMetadata, load_lora
+from moderation_worker.model.prompts import PromptEncoder, PromptSettings, Tokenizer
+from moderation_worker.model.scoring import LabelTokenScorer
 
 
 @dataclass
@@ -34,7 +34,7 @@ class AgileClassifier:
     """Hateful / not-hateful classifier on a (LoRA-tuned) Gemma backbone.
 
     Args:
-        model: the base model (see `adapters.model_sources`).
+        model: the base model (see `moderation_worker.model.sources`).
         prompt: prompt settings; replaced by the LoRA metadata's prompt when weights are given.
         lora_weights: path of a `.lora.h5` file (with its `.lora.json`), or None for zero-shot.
         threshold: decision threshold on p(positive label); default: the LoRA metadata's

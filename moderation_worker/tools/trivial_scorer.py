@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from .events import ModelIdentity
+from moderation_worker.events import ModelIdentity
 
 DEFAULT_KEYWORDS = ("hate", "kill", "idiot", "stupid", "scum", "vermin", "trash", "die")
 

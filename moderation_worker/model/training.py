@@ -23,8 +23,8 @@ from typing import Any, Literal
 import keras
 import numpy as np
 
-from .prompts import PromptEncoder
-from .scoring import LabelTokenModel
+from moderation_worker.model.prompts import PromptEncoder
+from moderation_worker.model.scoring import LabelTokenModel
 
 LossKind = Literal["vocab", "labels"]
 

