@@ -46,6 +46,7 @@ from moderation_worker.batching import (
 )
 from moderation_worker.events import SourcePosition
 from moderation_worker.settings import Settings, SettingsError
+from moderation_worker.threshold_source import ThresholdSource
 from moderation_worker.verdicts import ProbabilityModel
 
 log = logging.getLogger("moderation_worker.worker")
@@ -53,37 +54,6 @@ log = logging.getLogger("moderation_worker.worker")
 AGENT_NAME = "moderate"
 #: Seconds `/health` shows a failure (503 and its reason) before the worker stops.
 CRASH_HEALTH_GRACE_S = 3.0
-
-
-class ThresholdHolder:
-    """The threshold in force; `reload()` re-reads it (SIGHUP) without touching the model.
-
-    By default a reload re-resolves the original settings, which re-reads `threshold_file`
-    (the file `moderation-worker calibrate` writes). A caller that can rebuild the whole settings
-    object (the CLI, from its config file and flags) passes `reload_settings`.
-    """
-
-    def __init__(
-        self,
-        settings: Settings,
-        fallback: float,
-        reload_settings: Callable[[], Settings] | None = None,
-    ) -> None:
-        self.settings = settings
-        self.fallback = fallback
-        self._reload_settings = reload_settings
-        self.value = settings.resolved_threshold(fallback)
-
-    def __call__(self) -> float:
-        return self.value
-
-    def reload(self) -> float:
-        """Re-resolve the threshold; on a bad file keep the old value and raise `SettingsError`."""
-        settings = self._reload_settings() if self._reload_settings else self.settings
-        value = settings.resolved_threshold(self.fallback)
-        old, self.value = self.value, value
-        log.info("threshold reloaded", extra={"threshold": value, "previous_threshold": old})
-        return value
 
 
 class FaustSink:
@@ -173,7 +143,7 @@ class WorkerState:
         app: faust.App,
         settings: Settings,
         model: ProbabilityModel | Callable[[], ProbabilityModel],
-        threshold: ThresholdHolder,
+        threshold: ThresholdSource,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -195,6 +165,8 @@ class WorkerState:
 
     def _set_model(self, model: ProbabilityModel) -> None:
         self.model = model
+        self.threshold.bind_model(model)
+        self.metrics.threshold.set(self.threshold.value)
         self.metrics.set_model(model.identity.base_model, model.identity.lora_sha256)
         if model.batch_size != self.settings.batch_size:
             log.warning(
@@ -300,7 +272,7 @@ class WorkerState:
 
     def reload_threshold(self) -> None:
         try:
-            value = self.threshold.reload()
+            value = self.threshold.reload().value
         except SettingsError as exc:
             self.metrics.threshold_reloads.labels("error").inc()
             log.error("threshold reload failed; keeping %s", self.threshold.value, exc_info=exc)
@@ -328,6 +300,7 @@ class WorkerState:
             "model_loaded": self.model_ready.is_set(),
             "model": self.model.identity.to_dict() if self.model is not None else None,
             "threshold": self.threshold.value,
+            "threshold_source": self.threshold.in_force.source,
             "rebalancing": bool(self.app.rebalancing),
             "assigned_partitions": sorted(
                 tp.partition
@@ -441,7 +414,6 @@ def build_app(
     settings: Settings,
     model: ProbabilityModel | Callable[[], ProbabilityModel],
     *,
-    threshold_fallback: float = 0.5,
     reload_settings: Callable[[], Settings] | None = None,
 ) -> faust.App:
     """A Faust app for `settings` scoring with `model` (an instance, or a factory loaded at start).
@@ -453,9 +425,7 @@ def build_app(
     app = faust.App(settings.app_id, **faust_options(settings))
     check_delivery_config(app, settings)  # Faust's env vars must not weaken at-least-once
     fetch_guard.install(app)  # an undecodable record batch: named in the log, /health, a stop
-    state = WorkerState(
-        app, settings, model, ThresholdHolder(settings, threshold_fallback, reload_settings)
-    )
+    state = WorkerState(app, settings, model, ThresholdSource(settings, None, reload_settings))
     app.moderation = state  # type: ignore[attr-defined]
 
     source = app.topic(
@@ -531,26 +501,17 @@ def worker_state(app: faust.App) -> WorkerState:
     return app.moderation  # type: ignore[attr-defined,no-any-return]
 
 
-def model_threshold(model: ProbabilityModel, explicit: float | None = None) -> float:
-    """The threshold a model brings: `explicit`, else its own calibrated one, else 0.5."""
-    if explicit is not None:
-        return float(explicit)
-    return float(getattr(model, "threshold", 0.5))
-
-
 def run_worker(
     settings: Settings,
     model_factory: Callable[[], ProbabilityModel],
-    threshold_fallback: float | None = None,
     *,
     reload_settings: Callable[[], Settings] | None = None,
 ) -> None:
     """Run one worker until SIGTERM/SIGINT (blocking); SIGHUP reloads the threshold.
 
     The model is loaded before the worker joins the consumer group, so a slow load does not
-    hold partitions hostage or trigger a rebalance. Without `threshold`/`threshold_file` in
-    the settings, the threshold is `threshold_fallback`, else the model's own (the one
-    calibrated into its LoRA weights' metadata), else 0.5.
+    hold partitions hostage or trigger a rebalance. The threshold in force comes from
+    `threshold_source.threshold_for` (setting, threshold file, the model's calibrated one, 0.5).
     """
     logging.config.dictConfig(logging_config(settings.log_level))
     log.info("worker starting", extra={"settings": settings.public_dict()})
@@ -560,16 +521,13 @@ def run_worker(
     started = time.perf_counter()
     model = model_factory()
     log.info("model loaded", extra={"seconds": round(time.perf_counter() - started, 3)})
-    threshold_fallback = model_threshold(model, threshold_fallback)
     started = time.perf_counter()
-    shapes = BatchProcessor(model, threshold_fallback, batch_size=settings.batch_size).warm_up()
+    shapes = BatchProcessor(model, 0.5, batch_size=settings.batch_size).warm_up()
     log.info(
         "model warmed up",
         extra={"shapes": shapes, "seconds": round(time.perf_counter() - started, 3)},
     )
-    app = build_app(
-        settings, model, threshold_fallback=threshold_fallback, reload_settings=reload_settings
-    )
+    app = build_app(settings, model, reload_settings=reload_settings)
     state = worker_state(app)
 
     @app.task

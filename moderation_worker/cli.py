@@ -157,7 +157,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- calibrate
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from moderation_worker.thresholds import choose_threshold, write_threshold_file
+    from moderation_worker.threshold_source import write_threshold_file
+    from moderation_worker.thresholds import choose_threshold
     from moderation_worker.tools.data import load_splits
 
     splits = load_splits(args.data, args.validation_rows, args.seed)
@@ -175,7 +176,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from moderation_worker.settings import read_threshold_file
+    from moderation_worker.threshold_source import resolve_threshold
     from moderation_worker.tools.data import load_splits
     from moderation_worker.tools.evaluation import bootstrap_ci, evaluate, write_report
     from moderation_worker.tools.plots import plot_confusion, plot_roc, plot_score_histogram
@@ -198,20 +199,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         p = clf.p_positive(split.texts, progress=True)
         name, labels = clf.identity.base_model, tuple(clf.labels)
         identity = clf.identity.to_dict()
-        threshold = clf.threshold
-    if args.threshold_file:
-        threshold, policy = read_threshold_file(args.threshold_file)["threshold"], "file"
-    elif args.threshold is not None:
-        threshold, policy = args.threshold, "given"
-    elif args.policy:
+    if args.policy and args.threshold is None and args.threshold_file is None:
         from moderation_worker.thresholds import choose_threshold
 
         choice = choose_threshold(splits.validation.labels, p_val, args.policy)
         threshold, policy = choice.threshold, f"{choice.policy} (validation)"
-    elif args.model == "baseline:tfidf":
-        threshold, policy = 0.5, "default"
-    else:
-        policy = "lora metadata" if clf.lora and clf.lora.threshold is not None else "default"
+    else:  # the worker's own rule: flag, file, the model's calibrated one, 0.5
+        model = None if args.model == "baseline:tfidf" else clf
+        in_force = resolve_threshold(args.threshold, args.threshold_file, model)
+        threshold, policy = in_force.value, f"{in_force.source}: {in_force.detail}"
     report = evaluate(split.labels, p, threshold, labels=labels)
     report.update(
         {

@@ -185,17 +185,6 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
         return tuple(sources)
 
-    def resolved_threshold(self, fallback: float) -> float:
-        """The threshold to apply now: explicit value, else the threshold file, else `fallback`.
-
-        Called again on SIGHUP, so an edited threshold file takes effect without a model reload.
-        """
-        if self.threshold is not None:
-            return self.threshold
-        if self.threshold_file is not None:
-            return read_threshold_file(self.threshold_file)["threshold"]
-        return fallback
-
     def public_dict(self) -> dict[str, Any]:
         """The settings as JSON-able values, secrets masked (startup log, `config` command)."""
         data = self.model_dump(mode="json")
@@ -337,19 +326,3 @@ def _has_private_key(pem: Path) -> bool:
         return "PRIVATE KEY-----" in pem.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return False
-
-
-def read_threshold_file(path: str | Path) -> dict[str, Any]:
-    """Read a threshold TOML (`threshold = 0.42`, plus the policy and metrics that chose it)."""
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SettingsError(f"threshold_file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SettingsError(f"threshold_file {path} is not valid TOML: {exc}") from None
-    value = data.get("threshold")
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
-        raise SettingsError(f"threshold_file {path}: 'threshold' must be a number in [0, 1]")
-    data["threshold"] = float(value)
-    return data

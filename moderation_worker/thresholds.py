@@ -10,18 +10,12 @@ Decision rule everywhere (same as `verdicts.make_verdicts`): hateful when p >= t
 
 from __future__ import annotations
 
-import math
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
-
-from moderation_worker.events import utc_now
 
 MAX_F1 = "max-f1"
 YOUDEN = "youden"
@@ -239,101 +233,3 @@ def _choice(
     return ThresholdChoice(
         threshold=threshold, policy=policy, note=note, **operating_point(y, p, threshold)
     )
-
-
-# --- the threshold file -------------------------------------------------------------------
-
-_RESERVED_KEYS = ("threshold", "policy", "chosen_at", "validation")
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def write_threshold_file(
-    path: str | Path, choice: ThresholdChoice, extra: dict[str, Any] | None = None
-) -> Path:
-    """Write the TOML that `settings.read_threshold_file` reads.
-
-    `extra` (e.g. model identity) goes in as top-level keys or tables. TOML has no null, so
-    None values are left out. The file is replaced atomically because a running worker
-    re-reads it on SIGHUP and must never see half a file.
-    """
-    extra = dict(extra or {})
-    clash = [key for key in extra if key in _RESERVED_KEYS]
-    if clash:
-        raise ValueError(f"extra keys {clash} clash with the threshold file's own keys")
-    if not (math.isfinite(choice.threshold) and 0.0 <= choice.threshold <= 1.0):
-        raise ValueError(f"threshold must be in [0, 1], got {choice.threshold}")
-    validation = {k: v for k, v in choice.to_dict().items() if k not in ("threshold", "policy")}
-    header = {"threshold": float(choice.threshold), "policy": choice.policy, "chosen_at": utc_now()}
-    text = "# Decision threshold for moderation-worker: hateful when p(hateful) >= threshold.\n"
-    text += _toml_table([], {**header, **extra, "validation": validation})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _toml_table(prefix: list[str], table: dict[str, Any]) -> str:
-    """Scalars first, then sub-tables: TOML assigns keys after a header to that table."""
-    lines = []
-    subtables = []
-    for key, value in table.items():
-        if value is None:
-            continue
-        if isinstance(value, dict):
-            subtables.append((key, value))
-        else:
-            lines.append(f"{_toml_key(key)} = {_toml_value(value, key)}")
-    out = "\n".join(lines) + ("\n" if lines else "")
-    for key, value in subtables:
-        name = ".".join(_toml_key(part) for part in [*prefix, key])
-        out += f"\n[{name}]\n" + _toml_table([*prefix, key], value)
-    return out
-
-
-def _toml_key(key: Any) -> str:
-    if not isinstance(key, str):
-        raise TypeError(f"TOML keys must be strings, got {key!r}")
-    return key if _BARE_KEY.match(key) else _toml_string(key)
-
-
-def _toml_value(value: Any, key: str) -> str:
-    if isinstance(value, bool):  # before int: bool is an int subclass
-        return "true" if value else "false"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)  # shortest round-tripping form; 1e-05 etc. are valid TOML floats
-    if isinstance(value, (str, Path)):
-        return _toml_string(str(value))
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v, key) for v in value) + "]"
-    raise TypeError(f"cannot write {key!r} = {value!r} ({type(value).__name__}) to TOML")
-
-
-_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n"}
-_TOML_ESCAPES.update({"\f": "\\f", "\r": "\\r"})
-
-
-def _toml_string(text: str) -> str:
-    """A TOML basic string. Not json.dumps: its \\ud83d surrogate escapes are invalid TOML."""
-    out = []
-    for ch in text:
-        if ch in _TOML_ESCAPES:
-            out.append(_TOML_ESCAPES[ch])
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04X}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from moderation_worker.cli import main
-from moderation_worker.settings import read_threshold_file
+from moderation_worker.threshold_source import read_threshold_file
 
 KIND = ["you are lovely and kind", "thanks friend, great video", "nice song today", "hello world"]
 MEAN = ["i hate you awful stupid people", "everyone here is terrible", "go away angry idiots"]

@@ -12,7 +12,11 @@ from moderation_worker.settings import (
     Settings,
     SettingsError,
     load_settings,
+)
+from moderation_worker.threshold_source import (
+    ThresholdInForce,
     read_threshold_file,
+    threshold_for,
 )
 
 
@@ -94,12 +98,20 @@ def test_missing_or_broken_config_file(tmp_path: Path) -> None:
         load_settings(bad)
 
 
-def test_threshold_precedence_value_then_file_then_fallback(tmp_path: Path) -> None:
+class Calibrated:
+    calibrated_threshold = 0.61
+
+
+def test_threshold_precedence_value_then_file_then_model_then_default(tmp_path: Path) -> None:
     path = tmp_path / "threshold.toml"
     path.write_text('threshold = 0.42\npolicy = "max_f1"\n')
-    assert Settings().resolved_threshold(0.5) == 0.5
-    assert Settings(threshold_file=path).resolved_threshold(0.5) == 0.42
-    assert Settings(threshold_file=path, threshold=0.3).resolved_threshold(0.5) == 0.3
+    assert threshold_for(Settings()) == ThresholdInForce(0.5, "default", "no threshold configured")
+    assert threshold_for(Settings(), Calibrated()).value == 0.61
+    assert threshold_for(Settings(), Calibrated()).source == "model"
+    in_force = threshold_for(Settings(threshold_file=path), Calibrated())
+    assert (in_force.value, in_force.source) == (0.42, "file") and "max_f1" in in_force.detail
+    in_force = threshold_for(Settings(threshold_file=path, threshold=0.3), Calibrated())
+    assert (in_force.value, in_force.source) == (0.3, "setting")
 
 
 def test_threshold_file_is_reread_on_every_resolution(tmp_path: Path) -> None:
@@ -107,9 +119,9 @@ def test_threshold_file_is_reread_on_every_resolution(tmp_path: Path) -> None:
     path = tmp_path / "threshold.toml"
     path.write_text("threshold = 0.42\n")
     settings = Settings(threshold_file=path)
-    assert settings.resolved_threshold(0.5) == 0.42
+    assert threshold_for(settings).value == 0.42
     path.write_text("threshold = 0.7\n")
-    assert settings.resolved_threshold(0.5) == 0.7
+    assert threshold_for(settings).value == 0.7
 
 
 @pytest.mark.parametrize("content", ["threshold = 1.5\n", 'threshold = "high"\n', "x = 1\n"])

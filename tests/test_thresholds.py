@@ -8,13 +8,12 @@ import tomllib
 import numpy as np
 import pytest
 
-from moderation_worker.settings import read_threshold_file
+from moderation_worker.threshold_source import read_threshold_file, write_threshold_file
 from moderation_worker.thresholds import (
     ThresholdChoice,
     ThresholdPolicy,
     choose_threshold,
     parse_policy,
-    write_threshold_file,
 )
 
 # 8 negatives, 3 positives. By hand, flagging p >= t:

@@ -116,16 +116,18 @@ def test_bad_training_input(tiny_model) -> None:
 
 
 def test_worker_falls_back_to_the_threshold_calibrated_into_the_lora_weights(tmp_path) -> None:
-    from adapters.faust_app import ThresholdHolder, model_threshold
     from moderation_worker.settings import Settings
+    from moderation_worker.threshold_source import ThresholdSource
 
     _, _, path = fit_tiny(tmp_path, epochs=1)
     clf = AgileClassifier(build_tiny_model(seed=0), lora_weights=path, batch_size=4)
-    fallback = model_threshold(clf)
-    assert fallback == 0.4
-    assert ThresholdHolder(Settings(), fallback)() == 0.4  # nothing in config: the LoRA one
-    assert ThresholdHolder(Settings(threshold=0.7), fallback)() == 0.7  # config wins
-    assert model_threshold(clf, 0.2) == 0.2
+    assert clf.calibrated_threshold == 0.4 and clf.threshold == 0.4
+    source = ThresholdSource(Settings(), clf)
+    assert source() == 0.4 and source.in_force.source == "model"  # nothing in config
+    assert ThresholdSource(Settings(threshold=0.7), clf)() == 0.7  # config wins
+    assert (
+        AgileClassifier(build_tiny_model(seed=0), lora_weights=path, threshold=0.2).threshold == 0.2
+    )
 
 
 def test_history_holds_epoch_means_not_the_last_batch(tiny_model, monkeypatch) -> None:

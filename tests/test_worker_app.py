@@ -16,12 +16,13 @@ from faust.serializers import codecs as faust_codecs
 from faust.types.enums import ProcessingGuarantee
 
 from adapters import codecs
-from adapters.faust_app import FaustSink, ThresholdHolder, build_app, worker_state
+from adapters.faust_app import FaustSink, build_app, worker_state
 from adapters.jsonlog import JsonFormatter, logging_config
 from adapters.tansu import TansuBroker, free_port, kafka_ready
 from moderation_worker.batching import BatchProcessor, Outcome, admit
 from moderation_worker.events import SourcePosition
 from moderation_worker.settings import Settings, SettingsError
+from moderation_worker.threshold_source import ThresholdSource
 from moderation_worker.tools.trivial_scorer import TrivialScorer
 
 
@@ -88,13 +89,13 @@ async def test_a_model_factory_is_loaded_once_and_readiness_follows() -> None:
     assert status == 503  # no pipeline yet: the agent has not started consuming
 
 
-def test_threshold_holder_rereads_the_file_and_keeps_the_old_value_on_error(tmp_path: Path) -> None:
+def test_threshold_source_rereads_the_file_and_keeps_the_old_value_on_error(tmp_path: Path) -> None:
     path = tmp_path / "threshold.toml"
     path.write_text("threshold = 0.3\n")
-    holder = ThresholdHolder(settings(threshold_file=path), fallback=0.5)
+    holder = ThresholdSource(settings(threshold_file=path))
     assert holder() == 0.3
     path.write_text("threshold = 0.8\n")
-    assert holder.reload() == 0.8 and holder() == 0.8
+    assert holder.reload().value == 0.8 and holder() == 0.8
     path.write_text("threshold = banana\n")
     with pytest.raises(SettingsError):
         holder.reload()
@@ -118,10 +119,10 @@ def test_sighup_handler_counts_reloads_and_survives_a_bad_file(tmp_path: Path) -
 
 
 def test_reload_settings_hook_lets_the_cli_rebuild_everything(tmp_path: Path) -> None:
-    holder = ThresholdHolder(
-        settings(threshold=0.2), 0.5, reload_settings=lambda: settings(threshold=0.9)
+    holder = ThresholdSource(
+        settings(threshold=0.2), reload_settings=lambda: settings(threshold=0.9)
     )
-    assert holder() == 0.2 and holder.reload() == 0.9
+    assert holder() == 0.2 and holder.reload().value == 0.9
 
 
 def test_orjson_codec_is_registered_with_faust() -> None:

@@ -19,6 +19,7 @@ from moderation_worker.events import ModelIdentity
 from moderation_worker.model.lora import LoraMetadata, load_lora
 from moderation_worker.model.prompts import PromptEncoder, PromptSettings, Tokenizer
 from moderation_worker.model.scoring import LabelTokenScorer
+from moderation_worker.threshold_source import resolve_threshold
 
 
 @dataclass
@@ -83,8 +84,12 @@ class AgileClassifier:
         self.length_buckets = tuple(sorted({int(b) for b in (length_buckets or ()) if b < length}))
         self.length_buckets += (length,)
         self.identity = ModelIdentity(base_model=model.name, lora_sha256=lora_sha)
-        default = self.lora.threshold if self.lora and self.lora.threshold is not None else 0.5
-        self.threshold = float(threshold if threshold is not None else default)
+        self.threshold = resolve_threshold(threshold, model=self).value
+
+    @property
+    def calibrated_threshold(self) -> float | None:
+        """The threshold calibrated into the LoRA metadata (validation split), if any."""
+        return self.lora.threshold if self.lora is not None else None
 
     @property
     def labels(self) -> tuple[str, ...]:
