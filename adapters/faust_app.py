@@ -36,15 +36,10 @@ from adapters.delivery_guard import check_delivery_config
 from adapters.delivery_guard import preflight as delivery_preflight
 from adapters.jsonlog import logging_config
 from adapters.metrics import PipelineMetrics
-from moderation_worker.batching import (
-    BatchPipeline,
-    BatchProcessor,
-    InputEvent,
-    Outcome,
-    PipelineFailure,
-    admit,
-)
+from moderation_worker.batching import InputEvent, Outcome, admit
 from moderation_worker.events import SourcePosition
+from moderation_worker.pipeline import BatchPipeline, PipelineFailure
+from moderation_worker.processor import BatchProcessor
 from moderation_worker.settings import Settings, SettingsError
 from moderation_worker.threshold_source import ThresholdSource
 from moderation_worker.verdicts import ProbabilityModel

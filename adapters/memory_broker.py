@@ -25,15 +25,10 @@ from faust.types import TP
 from intervaltree import IntervalTree
 
 from adapters.codecs import build_record
-from moderation_worker.batching import (
-    BatchPipeline,
-    BatchProcessor,
-    InputEvent,
-    Outcome,
-    PipelineObserver,
-    admit,
-)
+from moderation_worker.batching import InputEvent, Outcome, admit
 from moderation_worker.events import DEFAULT_MAX_TEXT_CHARS, SourcePosition
+from moderation_worker.pipeline import BatchPipeline, PipelineObserver
+from moderation_worker.processor import BatchProcessor
 
 
 @dataclass(frozen=True)

@@ -10,19 +10,7 @@ import numpy as np
 import orjson
 import pytest
 
-from moderation_worker.batching import (
-    Batch,
-    Batcher,
-    BatchPipeline,
-    BatchProcessor,
-    BatchResult,
-    InputEvent,
-    ModelUnavailable,
-    Outcome,
-    PipelineFailure,
-    admit,
-    pad_rows,
-)
+from moderation_worker.batching import Batch, Batcher, InputEvent, Outcome, admit, pad_rows
 from moderation_worker.events import (
     EMPTY_TEXT,
     INVALID_JSON,
@@ -30,6 +18,8 @@ from moderation_worker.events import (
     TEXT_TOO_LONG,
     SourcePosition,
 )
+from moderation_worker.pipeline import BatchPipeline, PipelineFailure
+from moderation_worker.processor import BatchProcessor, BatchResult, ModelUnavailable
 from moderation_worker.tools.trivial_scorer import TrivialScorer
 
 

@@ -20,15 +20,10 @@ import pytest
 
 from adapters import codecs
 from moderation_worker import schemas
-from moderation_worker.batching import (
-    BatchPipeline,
-    BatchProcessor,
-    ModelUnavailable,
-    Outcome,
-    PipelineFailure,
-    admit,
-)
+from moderation_worker.batching import Outcome, admit
 from moderation_worker.events import REASONS, SourcePosition, parse_comment
+from moderation_worker.pipeline import BatchPipeline, PipelineFailure
+from moderation_worker.processor import BatchProcessor, ModelUnavailable
 from moderation_worker.tools.trivial_scorer import TrivialScorer
 from tests.hostile_corpus import CORPUS, VERDICT
 

@@ -19,8 +19,9 @@ from adapters import codecs
 from adapters.faust_app import FaustSink, build_app, worker_state
 from adapters.jsonlog import JsonFormatter, logging_config
 from adapters.tansu import TansuBroker, free_port, kafka_ready
-from moderation_worker.batching import BatchProcessor, Outcome, admit
+from moderation_worker.batching import Outcome, admit
 from moderation_worker.events import SourcePosition
+from moderation_worker.processor import BatchProcessor
 from moderation_worker.settings import Settings, SettingsError
 from moderation_worker.threshold_source import ThresholdSource
 from moderation_worker.tools.trivial_scorer import TrivialScorer

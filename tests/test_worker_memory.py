@@ -17,8 +17,10 @@ import pytest
 
 from adapters.memory_broker import MemoryBroker, MemorySink, MemoryWorker, Record
 from adapters.metrics import PipelineMetrics
-from moderation_worker.batching import Batcher, BatchProcessor, PipelineFailure, admit
+from moderation_worker.batching import Batcher, admit
 from moderation_worker.events import REASONS, SourcePosition
+from moderation_worker.pipeline import PipelineFailure
+from moderation_worker.processor import BatchProcessor
 from moderation_worker.tools.trivial_scorer import TrivialScorer
 
 GROUP, IN, OUT, DLQ = "g", "comments", "comments.verdicts", "comments.dlq"
