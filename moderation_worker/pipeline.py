@@ -158,6 +158,15 @@ class BatchPipeline(Generic[H]):
             self._space.set()  # release a submit() waiting for space, so it sees the failure
             raise
 
+    async def finish(self) -> None:
+        """Process everything submitted so far, the open partial batch included (a finite
+        input, like a file, is done); `run()` may keep running alongside."""
+        while self._ready or self._busy:
+            self._raise_if_failed()
+            await asyncio.sleep(0.005)
+        self._raise_if_failed()
+        await self.flush()
+
     async def flush(self) -> None:
         """Process everything buffered now (tests and clean stops); same rules as `run()`."""
         while (batch := self._next_batch() or self.batcher.drain()) is not None:
