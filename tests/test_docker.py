@@ -370,6 +370,7 @@ def test_build_context_lets_in_the_package_sources_and_nothing_else(dockerfiles)
         ignore = build_steps.DockerIgnore.read(image.ignore_file(ROOT))
         for allowed in (
             "pyproject.toml",
+            "requirements.lock",
             "README.md",
             "moderation_worker/events.py",
             "moderation_worker/model/sources.py",
@@ -438,7 +439,7 @@ def test_cpu_dockerfile_build_steps_replay_into_a_fresh_venv(tmp_path, compose, 
     report = build_steps.replay(image, ROOT, tmp_path / "root", python)
 
     assert report.unreplayed_commands() == []
-    assert [s.detail for s in report.pip_steps()] == ["--no-cache-dir /src"]
+    assert [s.detail for s in report.pip_steps()] == ["--no-cache-dir -c /src/requirements.lock /src"]
     entrypoint = image.exec_list("ENTRYPOINT")[0]
     assert (python.parent / entrypoint).is_file()
 

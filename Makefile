@@ -1,0 +1,31 @@
+# The newcomer's contract: `make demo` and `make test` each set up .venv when it is missing
+# (Python 3.11 or 3.12, versions pinned by requirements.lock) and then run.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test install lock clean-venv
+
+demo: $(VENV)/.installed
+	$(BIN)/moderation-worker demo
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+install: $(VENV)/.installed
+
+# Re-install when the project or the lock changes; the stamp records a finished install.
+$(VENV)/.installed: pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -c requirements.lock -e ".[test]"
+	touch $@
+
+# Resolve the dependencies again (newest versions that satisfy pyproject.toml) into the lock.
+lock: $(VENV)/.installed
+	$(BIN)/pip install uv
+	$(BIN)/uv pip compile pyproject.toml --extra test --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 -o requirements.lock
+
+clean-venv:
+	rm -rf $(VENV)
