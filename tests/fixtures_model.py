@@ -1,7 +1,8 @@
 """Fixtures for models: the tiny random-weight Gemma 3 and its on-the-fly SentencePiece vocabulary.
 
-Each test that enables LoRA gets a fresh backbone (LoRA mutates it); the tokenizer is trained
-once per session.
+Each test gets a fresh backbone: training writes LoRA factors into it (adapters themselves are
+data, applied per classifier through `model.lora_slot`); the tokenizer is trained once per
+session.
 """
 
 from __future__ import annotations

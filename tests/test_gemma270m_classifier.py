@@ -36,3 +36,26 @@ def test_shipped_lora_weights_load_and_separate_a_clear_pair(base) -> None:
     assert p_hateful > p_kind
     assert clf.lora is not None and clf.lora.rank == 4 and 0.0 < clf.threshold < 1.0
     assert len(clf.identity.lora_sha256 or "") == 64
+
+
+def test_shipped_adapter_equals_kerashub_loader_and_leaves_zero_shot_alone(base) -> None:
+    """The shipped file, applied as an adapter, gives what KerasHub's own loader gives, and a
+    zero-shot classifier on the same base keeps its scores."""
+    from moderation_worker.model.lora_slot import adapter_slot
+    from moderation_worker.model.scoring import LabelTokenScorer
+
+    path = shipped_lora("gemma3-270m")
+    if path is None:
+        pytest.skip("no shipped LoRA weights in this checkout")
+    zero = AgileClassifier(base, batch_size=2)
+    tuned = AgileClassifier(base, lora_weights=path, batch_size=2)
+    p_zero, p_tuned = zero.predict_proba([KIND, HATEFUL]), tuned.predict_proba([KIND, HATEFUL])
+    assert np.abs(p_tuned - p_zero).max() > 1e-3
+
+    base.backbone.load_lora_weights(str(path))  # KerasHub writes the factors itself
+    adapter_slot(base.backbone).mark_modified()
+    scorer = LabelTokenScorer(base.backbone, tuned.encoder.label_ids, jit_compile=True)
+    kerashub = scorer.probabilities(tuned.encoder.encode([KIND, HATEFUL], batch_size=2))
+    np.testing.assert_allclose(p_tuned, kerashub, atol=1e-6)
+    np.testing.assert_allclose(zero.predict_proba([KIND, HATEFUL]), p_zero, atol=1e-6)
+    np.testing.assert_allclose(tuned.predict_proba([KIND, HATEFUL]), p_tuned, atol=1e-6)

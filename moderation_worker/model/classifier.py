@@ -1,8 +1,10 @@
-"""`AgileClassifier`: the object users hold — prompt, scorer, LoRA weights and threshold.
+"""`AgileClassifier`: the object users hold — prompt, scorer, LoRA adapter and threshold.
 
 It turns texts into label probabilities in fixed `[batch_size, sequence_length]` chunks, so a
 compiled graph is built once and reused; the last chunk is padded with empty rows whose
-outputs are dropped.
+outputs are dropped. The classifier owns its adapter, not the backbone: classifiers built on
+one `LoadedModel` share the backbone and each puts its adapter (or none) into the backbone's
+LoRA slot before each model call (see `lora_slot`), so none changes another's scores.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import keras
 import numpy as np
 
 from moderation_worker.events import ModelIdentity
-from moderation_worker.model.lora import LoraMetadata, load_lora
+from moderation_worker.model.lora import LoraAdapter, LoraMetadata
+from moderation_worker.model.lora_slot import adapter_slot
 from moderation_worker.model.prompts import PromptEncoder, PromptSettings, Tokenizer
 from moderation_worker.model.scoring import LabelTokenScorer
 from moderation_worker.threshold_source import resolve_threshold
@@ -38,6 +41,7 @@ class AgileClassifier:
         model: the base model (see `moderation_worker.model.sources`).
         prompt: prompt settings; replaced by the LoRA metadata's prompt when weights are given.
         lora_weights: path of a `.lora.h5` file (with its `.lora.json`), or None for zero-shot.
+        adapter: a `LoraAdapter` already in memory, instead of `lora_weights`.
         threshold: decision threshold on p(positive label); default: the LoRA metadata's
             calibrated threshold, else 0.5.
         batch_size: rows per model call; every call has exactly this shape.
@@ -62,20 +66,28 @@ class AgileClassifier:
         batch_size: int = 8,
         jit_compile: bool | str = True,
         length_buckets: Sequence[int] | None = None,
+        adapter: LoraAdapter | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.base = model
-        self.lora: LoraMetadata | None = None
-        lora_sha = None
+        if lora_weights is not None and adapter is not None:
+            raise ValueError("give lora_weights or adapter, not both")
         if lora_weights is not None:
-            self.lora, lora_sha = load_lora(model.backbone, lora_weights, model.name)
-            if prompt is not None and prompt != self.lora.prompt:
+            adapter = LoraAdapter.load(lora_weights, base_model=model.name)
+        self.base = model
+        self.adapter = adapter
+        self.lora: LoraMetadata | None = adapter.metadata if adapter is not None else None
+        self.slot = adapter_slot(model.backbone)
+        if adapter is not None:
+            adapter.check_base_model(model.name)
+            if prompt is not None and prompt != adapter.metadata.prompt:
                 raise ValueError(
                     "the prompt settings differ from those the LoRA weights were trained with: "
-                    f"{prompt.to_dict()} vs {self.lora.prompt.to_dict()}"
+                    f"{prompt.to_dict()} vs {adapter.metadata.prompt.to_dict()}"
                 )
-            prompt = self.lora.prompt
+            prompt = adapter.metadata.prompt
+            # Enable LoRA before the scorer compiles, so its graph reads the LoRA variables.
+            self.slot.enable(adapter.rank, adapter.target_layers)
         self.prompt = prompt or PromptSettings()
         self.encoder = PromptEncoder(model.tokenizer, self.prompt)  # checks single-token labels
         self.scorer = LabelTokenScorer(model.backbone, self.encoder.label_ids, jit_compile)
@@ -83,6 +95,7 @@ class AgileClassifier:
         length = self.prompt.sequence_length
         self.length_buckets = tuple(sorted({int(b) for b in (length_buckets or ()) if b < length}))
         self.length_buckets += (length,)
+        lora_sha = adapter.sha256 if adapter is not None else None
         self.identity = ModelIdentity(base_model=model.name, lora_sha256=lora_sha)
         self.threshold = resolve_threshold(threshold, model=self).value
 
@@ -115,7 +128,9 @@ class AgileClassifier:
             batch = self.encoder.encode(chunk, batch_size=self.batch_size)
             if len(self.length_buckets) > 1:
                 batch = batch.cut_to(self.length_buckets)
-            out[start : start + len(chunk)] = self.scorer.probabilities(batch)[: len(chunk)]
+            with self.slot.holding(self.adapter):  # a write only if another adapter is in
+                probs = self.scorer.probabilities(batch)
+            out[start : start + len(chunk)] = probs[: len(chunk)]
         return out
 
     def canary_texts(self) -> list[str]:

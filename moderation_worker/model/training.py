@@ -11,20 +11,29 @@ balance.
 Batches are padded to the longest prompt in the batch rounded up to `length_bucket` tokens,
 not always to 128: with right padding and causal attention the label position's hidden state
 does not depend on padding after it, so this is exact and most ETHOS prompts are short.
+
+`train_lora` fits the LoRA variables of a backbone; `train_classifier` is the whole job the
+`train` command runs: fit, take the factors out as a `LoraAdapter`, calibrate its threshold on
+the validation rows (`calibrate_threshold`), record what it was trained for, and save it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import keras
 import numpy as np
 
-from moderation_worker.model.prompts import PromptEncoder
+from moderation_worker.model.classifier import AgileClassifier, LoadedModel
+from moderation_worker.model.lora import LoraAdapter, LoraMetadata
+from moderation_worker.model.lora_slot import adapter_slot
+from moderation_worker.model.prompts import PromptEncoder, PromptSettings
 from moderation_worker.model.scoring import LabelTokenModel
+from moderation_worker.thresholds import ThresholdChoice, choose_threshold
 
 LossKind = Literal["vocab", "labels"]
 
@@ -137,7 +146,9 @@ def train_lora(
 
     `labels` holds label indices into `encoder.settings.labels`. `verbose=1` shows a Keras
     progress bar per epoch; each batch shape compiles once (at most 128/bucket shapes).
-    The seed fixes LoRA initialisation and shuffling.
+    The seed fixes LoRA initialisation and shuffling. The fitted factors stay in the
+    backbone's LoRA variables, which no adapter describes any more: take them out with
+    `LoraAdapter.from_backbone` (classifiers on this backbone re-apply their own adapter).
     """
     labels = np.asarray(labels, dtype=np.int64)
     n_labels = len(encoder.settings.labels)
@@ -147,8 +158,22 @@ def train_lora(
         raise ValueError("no training examples")
     if labels.min() < 0 or labels.max() >= n_labels:
         raise ValueError(f"labels must be indices in [0, {n_labels})")
-    keras.utils.set_random_seed(config.seed)
-    backbone.enable_lora(config.rank, target_layer_names=list(config.target_layers))
+    slot = adapter_slot(backbone)
+    with slot.lock:  # nobody scores through these variables while they are being fitted
+        keras.utils.set_random_seed(config.seed)
+        slot.start_training(config.rank, config.target_layers, config.seed)
+        return _fit(backbone, encoder, texts, labels, config, verbose, on_epoch)
+
+
+def _fit(
+    backbone: keras.Model,
+    encoder: PromptEncoder,
+    texts: Sequence[str],
+    labels: np.ndarray,
+    config: TrainingConfig,
+    verbose: int | str,
+    on_epoch: Callable[[int, dict[str, float]], None] | None,
+) -> TrainingResult:
     trainable = int(sum(np.prod(v.shape) for v in backbone.trainable_weights))
     if trainable == 0:
         raise ValueError(f"no layer matched LoRA targets {config.target_layers}")
@@ -205,3 +230,130 @@ def train_lora(
         trainable_parameters=trainable,
         steps=len(batches) * config.epochs,
     )
+
+
+ValidationReport = Callable[[np.ndarray, np.ndarray, float], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class TrainedAdapter:
+    """What `train_classifier` made: the adapter (saved when a path was given), the training
+    run, and the threshold calibrated on the validation rows (None when they cannot tell)."""
+
+    adapter: LoraAdapter
+    training: TrainingResult
+    threshold: ThresholdChoice | None
+
+    @property
+    def metadata(self) -> LoraMetadata:
+        return self.adapter.metadata
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready: where the weights are, the threshold and its validation metrics."""
+        return {
+            "lora_weights": None if self.adapter.path is None else str(self.adapter.path),
+            "threshold": self.metadata.threshold,
+            "policy": self.metadata.threshold_policy,
+            "validation": self.metadata.metrics.get("validation"),
+        }
+
+
+def calibrate_threshold(
+    classifier: AgileClassifier,
+    texts: Sequence[str],
+    labels: np.ndarray,
+    policy: str = "max-f1",
+    progress: bool = False,
+) -> ThresholdChoice:
+    """Score labelled rows (1 = the positive label) and choose a threshold by `policy`."""
+    p_positive = classifier.p_positive(texts, progress=progress)
+    return choose_threshold(np.asarray(labels), p_positive, policy)
+
+
+def train_classifier(
+    base: LoadedModel,
+    texts: Sequence[str],
+    labels: np.ndarray,
+    validation_texts: Sequence[str] = (),
+    validation_labels: np.ndarray | None = None,
+    *,
+    prompt: PromptSettings | None = None,
+    config: TrainingConfig = TrainingConfig(),
+    policy: str = "max-f1",
+    out: str | Path | None = None,
+    data_sha256: str | None = None,
+    notes: Mapping[str, Any] | None = None,
+    validation_report: ValidationReport | None = None,
+    batch_size: int = 8,
+    verbose: int | str = 1,
+    progress: bool = False,
+) -> TrainedAdapter:
+    """Train a LoRA adapter for a binary prompt, calibrate its threshold, save it.
+
+    Args:
+        base: the base model; its backbone's LoRA variables are used for the fit.
+        texts, labels: training rows; labels are 0/1 with 1 = the prompt's positive label.
+        validation_texts, validation_labels: rows to calibrate the threshold on; with fewer
+            than both classes the threshold is 0.5 and no policy is recorded.
+        prompt: the prompt to train for (two labels); default `PromptSettings()`.
+        config: training settings (rank, learning rate, epochs, seed, loss, targets).
+        policy: threshold policy (`thresholds.parse_policy`), e.g. "max-f1".
+        out: path prefix to write `out.lora.h5` and `out.lora.json`; None keeps it in memory.
+        data_sha256: hash of the training data, recorded in the metadata.
+        notes: more facts for the metadata's `training` record (e.g. the data source).
+        validation_report: `(labels, p_positive, threshold) -> dict` of validation metrics for
+            the metadata; default the chosen operating point (`ThresholdChoice`).
+        batch_size: rows per model call when scoring the validation rows.
+        verbose: Keras progress bars while training; `progress`: a bar while scoring.
+
+    Example:
+        >>> trained = train_classifier(base, texts, labels, val_texts, val_labels, out="m")
+        >>> AgileClassifier(base, adapter=trained.adapter).threshold  # the calibrated one
+    """
+    prompt = prompt or PromptSettings()
+    if len(prompt.labels) != 2:
+        raise ValueError(
+            f"binary labels need a prompt with exactly two labels, got {prompt.labels}"
+        )
+    binary = np.asarray(labels, dtype=np.int64)
+    if binary.size and not np.isin(binary, (0, 1)).all():
+        raise ValueError("labels must be 0 or 1 (1 = the positive label)")
+    indices = np.where(binary == 1, prompt.positive_index, 1 - prompt.positive_index)
+    encoder = PromptEncoder(base.tokenizer, prompt)
+    result = train_lora(base.backbone, encoder, texts, indices, config, verbose=verbose)
+    metadata = LoraMetadata(
+        base_model=base.name,
+        prompt=prompt,
+        rank=config.rank,
+        target_layers=config.target_layers,
+        data_sha256=data_sha256,
+        training={
+            **config.to_dict(),
+            "train_rows": len(texts),
+            "validation_rows": len(validation_texts),
+            **(notes or {}),
+            "seconds": round(result.seconds, 1),
+            "trainable_parameters": result.trainable_parameters,
+        },
+        metrics={"train_history": result.history},
+    )
+    adapter = LoraAdapter.from_backbone(base.backbone, metadata)
+
+    choice = None
+    y_val = np.asarray(validation_labels if validation_labels is not None else [], np.int64)
+    if len(validation_texts) and len(set(y_val.tolist())) == 2:
+        clf = AgileClassifier(base, adapter=adapter, batch_size=batch_size)
+        p_val = clf.p_positive(validation_texts, progress=progress)
+        choice = choose_threshold(y_val, p_val, policy)
+        report = validation_report(y_val, p_val, choice.threshold) if validation_report else None
+        metadata.metrics["validation"] = report if report is not None else choice.to_dict()
+    adapter = adapter.with_metadata(
+        replace(
+            metadata,
+            threshold=choice.threshold if choice else 0.5,
+            threshold_policy=choice.policy if choice else None,
+        )
+    )
+    if out is not None:
+        adapter = adapter.save(out)
+    return TrainedAdapter(adapter, result, choice)
