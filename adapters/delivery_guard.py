@@ -1,10 +1,12 @@
 """Refuse to start with a Faust configuration that silently weakens at-least-once delivery.
 
 Faust reads its own environment variables (`PRODUCER_ACKS`, `STREAM_WAIT_EMPTY`, ...) and they
-win over the values `build_app()` passes to `faust.App`, without a word. So, after the app is
-built, `check_delivery_config()` reads back the *effective* `app.conf` and refuses values that
-break the worker's promise (every comment ends as a verdict or a dead letter before its offset
-commits), naming the setting, its value and the variable that set it.
+win over the values `Moderation.standalone_app()` passes to `faust.App`, without a word; an app
+that moderation is installed into (`Moderation.install`) carries its owner's options too. So,
+before anything is added to the app, `check_delivery_config()` reads back the *effective*
+`app.conf` and refuses values that break the worker's promise (every comment ends as a verdict
+or a dead letter before its offset commits), naming the setting, its value and where it came
+from.
 
 What is checked, and why:
 
@@ -36,6 +38,7 @@ from typing import Any
 
 import faust
 
+from adapters.options import faust_options
 from moderation_worker.settings import Settings, SettingsError
 
 AT_LEAST_ONCE = "at-least-once delivery"
@@ -101,14 +104,24 @@ def env_variable(conf: Any, setting: str) -> str | None:
     return name if conf.env.get(name) is not None else None
 
 
-def _problem(setting: str, value: Any, source: str | None, want: str, why: str) -> str:
+def _problem(
+    setting: str, value: Any, source: str | None, want: str, why: str, host_app: bool
+) -> str:
     where = f"set by environment variable {source}" if source else "passed to faust.App"
-    fix = f"unset {source}" if source else "fix faust_options()"
+    if source:
+        fix = f"unset {source}"
+    else:
+        fix = "set it where the faust.App is created" if host_app else "fix faust_options()"
     return f"{setting}={value} ({where}) breaks {AT_LEAST_ONCE}: {why}; it must be {want}: {fix}"
 
 
-def delivery_problems(conf: Any, settings: Settings) -> list[str]:
-    """Every reason the effective configuration `conf` (an `app.conf`) breaks the promise."""
+def delivery_problems(conf: Any, settings: Settings, *, host_app: bool = False) -> list[str]:
+    """Every reason the effective configuration `conf` (an `app.conf`) breaks the promise.
+
+    `host_app`: `conf` is a user's app that moderation is installed into, not the app built
+    from `faust_options()`: its other options are its owner's business, so only the delivery
+    rules apply.
+    """
     problems = []
     for rule in RULES:
         value = getattr(conf, rule.setting)
@@ -121,9 +134,11 @@ def delivery_problems(conf: Any, settings: Settings) -> list[str]:
                     env_variable(conf, rule.setting),
                     rule.want(settings),
                     rule.why,
+                    host_app,
                 )
             )
-    problems.extend(_override_problems(conf, settings, {r.setting for r in RULES}))
+    if not host_app:
+        problems.extend(_override_problems(conf, settings, {r.setting for r in RULES}))
     problems.extend(_stream_iterator_problems())
     return problems
 
@@ -137,8 +152,6 @@ def _override_problems(conf: Any, settings: Settings, covered: set[str]) -> list
     replaced: `WEB_BIND=0.0.0.0` would open the web server that `web_bind` keeps on loopback,
     `TOPIC_REPLICATION_FACTOR=1` would undo `topic_replication_factor`. Settings belong in
     `MODERATION_*`, where they are validated and shown by `moderation-worker config`."""
-    from adapters.faust_app import faust_options
-
     problems = []
     for setting, passed in faust_options(settings).items():
         if setting in covered or setting in _NOT_COMPARED:
@@ -181,20 +194,19 @@ def _stream_iterator_problems() -> list[str]:
     return []
 
 
-def check_delivery_config(app: faust.App, settings: Settings) -> None:
+def check_delivery_config(app: faust.App, settings: Settings, *, host_app: bool = False) -> None:
     """Raise `DeliveryConfigError` if `app`'s effective configuration breaks at-least-once."""
-    check_delivery_conf(app.conf, settings)
+    check_delivery_conf(app.conf, settings, host_app=host_app)
 
 
-def check_delivery_conf(conf: Any, settings: Settings) -> None:
+def check_delivery_conf(conf: Any, settings: Settings, *, host_app: bool = False) -> None:
     """`check_delivery_config` for a bare `faust.Settings` (no app needed)."""
-    problems = delivery_problems(conf, settings)
+    problems = delivery_problems(conf, settings, host_app=host_app)
     if problems:
-        raise DeliveryConfigError("refusing to start the worker:\n  " + "\n  ".join(problems))
+        what = f"to install moderation into app {conf.id!r}" if host_app else "to start the worker"
+        raise DeliveryConfigError(f"refusing {what}:\n  " + "\n  ".join(problems))
 
 
 def preflight(settings: Settings) -> None:
     """The same check before anything slow happens (the CLI runs it before loading the model)."""
-    from adapters.faust_app import faust_options
-
     check_delivery_conf(faust.Settings(settings.app_id, **faust_options(settings)), settings)

@@ -16,14 +16,15 @@ So, two small hooks:
 * `PartitionRecords._unpack_records` (aiokafka, once per process) re-raises any decode error as
   `UndecodableBatch`, which names topic, partition, offset and codec;
 * the app's consumer `_getmany` (per app) sees `UndecodableBatch`, logs it with those fields,
-  and calls `WorkerState.crash`, so `/health` answers 503 with the short reason (for a few
-  seconds, before the stop begins); Faust's own shutdown then stops the worker (exit code 1).
+  and calls the `crash` it was installed with (`Moderation.crash`), so `/health` answers 503
+  with the short reason (for a few seconds, before the stop begins); Faust's own shutdown then
+  stops the worker (exit code 1).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import faust
@@ -31,6 +32,9 @@ from aiokafka.consumer import fetcher as _aiokafka_fetcher
 from aiokafka.errors import KafkaError, UnsupportedCodecError
 
 log = logging.getLogger("moderation_worker.worker")
+
+#: What stops the app with an error (`Moderation.crash`): `/health` shows the reason first.
+Crash = Callable[[BaseException], Awaitable[None]]
 
 #: The codec in the low three bits of a record batch's attributes.
 CODECS = {0: "none", 1: "gzip", 2: "snappy", 3: "lz4", 4: "zstd"}
@@ -130,39 +134,39 @@ def install_decode_hook() -> None:
         records_cls._unpack_records = _guarded_unpack_records
 
 
-def install(app: faust.App) -> None:
-    """Stop `app`'s worker cleanly on an undecodable batch (call once, right after `faust.App`)."""
+def install(app: faust.App, crash: Crash) -> None:
+    """Stop `app`'s worker through `crash` on an undecodable batch (call once, before it starts).
+
+    The guard covers the app's whole consumer, so a bad batch of any of its topics is named.
+    """
     install_decode_hook()
     new_consumer = app._new_consumer
 
     def _new_guarded_consumer() -> Any:
         consumer = new_consumer()
-        _guard_consumer(app, consumer)
+        _guard_consumer(consumer, crash)
         return consumer
 
     app._new_consumer = _new_guarded_consumer  # type: ignore[method-assign]
     if app._consumer is not None:  # already built: guard it in place
-        _guard_consumer(app, app._consumer)
-    # `/health` shows the failure for a few seconds before the stop: `WorkerState.crash`.
+        _guard_consumer(app._consumer, crash)
 
 
-def _guard_consumer(app: faust.App, consumer: Any) -> None:
+def _guard_consumer(consumer: Any, crash: Crash) -> None:
     getmany = consumer._getmany
 
     async def _getmany(*args: Any, **kwargs: Any) -> Any:
         try:
             return await getmany(*args, **kwargs)
         except UndecodableBatch as exc:
-            await on_undecodable(app, exc)
+            await on_undecodable(exc, crash)
             raise
 
     consumer._getmany = _getmany
 
 
-async def on_undecodable(app: faust.App, exc: UndecodableBatch) -> None:
-    """Log the batch and crash the worker through its `WorkerState` (health: 503, the reason)."""
-    from adapters.faust_app import worker_state
-
+async def on_undecodable(exc: UndecodableBatch, crash: Crash) -> None:
+    """Log the batch and crash the worker (health: 503 with the reason, then the stop)."""
     log.error(
         "record batch cannot be decoded; stopping the worker, nothing of it is acknowledged",
         extra={
@@ -175,4 +179,4 @@ async def on_undecodable(app: faust.App, exc: UndecodableBatch) -> None:
             "error": exc.detail,
         },
     )
-    await worker_state(app).crash(exc)
+    await crash(exc)

@@ -1,7 +1,8 @@
 """Faust's own environment variables must not silently weaken at-least-once delivery.
 
-Each of them overrides what `build_app()` passes to `faust.App`; the worker must refuse to start,
-naming the value and the variable, instead of running with acks=0 or skipping comments.
+Each of them overrides what `Moderation.standalone_app()` passes to `faust.App`; the worker must
+refuse to start, naming the value and the variable, instead of running with acks=0 or skipping
+comments.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import faust
 import pytest
 
 from adapters.delivery_guard import DeliveryConfigError, check_delivery_conf
-from adapters.faust_app import build_app, faust_options
+from adapters.moderation import Moderation
+from adapters.options import faust_options
 from moderation_worker.cli import main
 from moderation_worker.settings import Settings, SettingsError
 from moderation_worker.tools.trivial_scorer import TrivialScorer
@@ -44,7 +46,7 @@ def settings(**kw: Any) -> Settings:
 
 
 def build(**kw: Any) -> faust.App:
-    return build_app(settings(**kw), TrivialScorer(batch_size=8))
+    return Moderation(settings(**kw), TrivialScorer(batch_size=8)).standalone_app()
 
 
 def test_the_default_configuration_passes() -> None:
@@ -172,7 +174,7 @@ def test_cli_worker_process_exits_2_with_the_message_and_no_traceback(tmp_path: 
 def test_a_worker_process_with_producer_acks_0_exits_non_zero_naming_it(
     broker: BrokerInfo, topics: TopicSet, spawn_worker: Any
 ) -> None:
-    """The worker entry point the broker tests use (`run_worker` -> `build_app`)."""
+    """The worker entry point the broker tests use (`Moderation.run` -> `standalone_app`)."""
     worker = spawn_worker({**worker_env(broker, topics, partitions=1), "PRODUCER_ACKS": "0"})
     rc = worker.wait(60)
     assert rc != 0

@@ -295,7 +295,7 @@ async def test_a_stalled_publish_fails_the_pipeline_within_the_limit_with_nothin
 
 
 def test_the_web_server_binds_loopback_with_faust_debug_pages_off_by_default() -> None:
-    from adapters.faust_app import faust_options
+    from adapters.options import faust_options
     from moderation_worker.settings import Settings
 
     options = faust_options(Settings())
@@ -309,7 +309,7 @@ def test_the_web_server_binds_loopback_with_faust_debug_pages_off_by_default() -
 
 
 def test_health_reports_a_reason_code_never_the_exception_text() -> None:
-    from adapters.faust_app import failure_reason
+    from adapters.health import failure_reason
 
     secret = PipelineFailure(
         "broker kafka-7.internal:9093 said: comment 'you are…'", "publish_failed"
@@ -347,7 +347,7 @@ class SizeLimitedProducer:
 def _sink(producer: SizeLimitedProducer) -> Any:
     from types import SimpleNamespace
 
-    from adapters.faust_app import FaustSink
+    from adapters.sink import FaustSink
     from moderation_worker.settings import Settings
 
     conf = SimpleNamespace(producer_max_request_size=1_000_000, id="t")

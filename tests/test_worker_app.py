@@ -10,14 +10,16 @@ import sys
 import threading
 from pathlib import Path
 
+import faust
 import orjson
 import pytest
 from faust.serializers import codecs as faust_codecs
 from faust.types.enums import ProcessingGuarantee
 
 from adapters import codecs
-from adapters.faust_app import FaustSink, build_app, worker_state
 from adapters.jsonlog import JsonFormatter, logging_config
+from adapters.moderation import Moderation
+from adapters.sink import FaustSink
 from adapters.tansu import TansuBroker, free_port, kafka_ready
 from moderation_worker.batching import Outcome, admit
 from moderation_worker.events import SourcePosition
@@ -29,6 +31,10 @@ from moderation_worker.tools.trivial_scorer import TrivialScorer
 
 def settings(**kw: object) -> Settings:
     return Settings(broker_url="kafka://127.0.0.1:1", **kw)
+
+
+def build_app(s: Settings, model: object) -> faust.App:
+    return Moderation(s, model).standalone_app()  # type: ignore[arg-type]
 
 
 def test_app_is_configured_from_settings() -> None:
@@ -79,7 +85,7 @@ async def test_a_model_factory_is_loaded_once_and_readiness_follows() -> None:
         return TrivialScorer(batch_size=8)
 
     app = build_app(settings(app_id="mw-test-factory"), factory)
-    state = worker_state(app)
+    state = Moderation.of(app)
     body, status = state.health()
     assert status == 503 and body["status"] == "starting" and not body["model_loaded"]
     await state.load_model()
@@ -106,7 +112,7 @@ def test_threshold_source_rereads_the_file_and_keeps_the_old_value_on_error(tmp_
 def test_sighup_handler_counts_reloads_and_survives_a_bad_file(tmp_path: Path) -> None:
     path = tmp_path / "threshold.toml"
     path.write_text("threshold = 0.3\n")
-    state = worker_state(
+    state = Moderation.of(
         build_app(settings(app_id="mw-test-hup", threshold_file=path), TrivialScorer())
     )
     path.write_text("threshold = 0.6\n")
@@ -190,7 +196,7 @@ def test_tansu_starts_answers_and_stops_cleanly() -> None:
 
 async def test_worker_state_executor_is_single_threaded() -> None:
     """One model call at a time: the model is not assumed to be thread-safe."""
-    state = worker_state(build_app(settings(app_id="mw-test-exec"), TrivialScorer()))
+    state = Moderation.of(build_app(settings(app_id="mw-test-exec"), TrivialScorer()))
     loop = asyncio.get_running_loop()
     names = await asyncio.gather(
         *(

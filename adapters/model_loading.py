@@ -1,0 +1,93 @@
+"""The model a worker scores with: given ready, or loaded once from a factory; warmed up once.
+
+Loading Gemma takes tens of seconds and the warm-up compiles every batch shape, so both run
+either before the worker joins its consumer group (`prepare`, the standalone `run()`) or off the
+event loop (`prepare_in`, an app that loads at start), never on it: a blocked loop misses its
+heartbeats and the group rebalances.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+from moderation_worker.processor import BatchProcessor
+from moderation_worker.verdicts import ProbabilityModel
+
+log = logging.getLogger("moderation_worker.worker")
+
+ModelOrFactory = ProbabilityModel | Callable[[], ProbabilityModel]
+
+
+class ModelLoader:
+    """Holds the model; `on_loaded(model)` runs once it is there (at once for a given model).
+
+    Args:
+        model: a loaded `ProbabilityModel`, or a factory that loads one.
+        batch_size: the fixed batch shape the warm-up builds.
+        on_loaded: binds the model to what depends on it (threshold, metrics); runs in the
+            caller's thread, on the event loop for `prepare_in`.
+    """
+
+    def __init__(
+        self,
+        model: ModelOrFactory,
+        batch_size: int,
+        on_loaded: Callable[[ProbabilityModel], None],
+    ) -> None:
+        self.batch_size = batch_size
+        self._on_loaded = on_loaded
+        self.model: ProbabilityModel | None = None
+        self._factory: Callable[[], ProbabilityModel] | None = None
+        self._warmed_up = False
+        if _is_model(model):
+            self._loaded(model)  # type: ignore[arg-type]
+        else:
+            self._factory = model  # type: ignore[assignment]
+
+    def prepare(self) -> ProbabilityModel:
+        """Load (once) and warm up (once), in this thread."""
+        if self.model is None:
+            self._loaded(self._load())
+        self._warm_up()
+        assert self.model is not None
+        return self.model
+
+    async def prepare_in(self, executor: Executor) -> ProbabilityModel:
+        """`prepare` with the slow parts in `executor`, so the event loop stays free."""
+        loop = asyncio.get_running_loop()
+        if self.model is None:
+            self._loaded(await loop.run_in_executor(executor, self._load))
+        await loop.run_in_executor(executor, self._warm_up)
+        assert self.model is not None
+        return self.model
+
+    def _loaded(self, model: ProbabilityModel) -> None:
+        self.model = model
+        self._on_loaded(model)
+
+    def _load(self) -> ProbabilityModel:
+        assert self._factory is not None
+        started = time.perf_counter()
+        model = self._factory()
+        log.info("model loaded", extra={"seconds": round(time.perf_counter() - started, 3)})
+        return model
+
+    def _warm_up(self) -> None:
+        """Build and check every compiled shape before the first batch (`ModelUnavailable`)."""
+        if self._warmed_up or self.model is None:
+            return
+        started = time.perf_counter()
+        shapes = BatchProcessor(self.model, 0.5, batch_size=self.batch_size).warm_up()
+        self._warmed_up = True
+        log.info(
+            "model warmed up",
+            extra={"shapes": shapes, "seconds": round(time.perf_counter() - started, 3)},
+        )
+
+
+def _is_model(obj: object) -> bool:
+    return hasattr(obj, "predict_proba") and hasattr(obj, "labels")
