@@ -23,12 +23,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -38,7 +34,11 @@ from typing import Any
 import orjson
 import pytest
 
+from adapters import kafka_admin
+from adapters.kafka_admin import aiokafka_bootstrap
 from adapters.tansu import TansuBroker, free_port
+from moderation_worker.settings import Settings
+from moderation_worker.tools import worker_process
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BROKER_ENV = "MODERATION_TEST_BROKER"
@@ -80,8 +80,7 @@ class BrokerInfo:
 def broker() -> Iterator[BrokerInfo]:
     url = os.environ.get(BROKER_ENV)
     if url:
-        bootstrap = ",".join(u.split("://", 1)[-1] for u in url.split(";"))
-        yield BrokerInfo(url=url, bootstrap=bootstrap, embedded=False)
+        yield BrokerInfo(url=url, bootstrap=aiokafka_bootstrap(url), embedded=False)
         return
     with TansuBroker() as tansu:
         yield BrokerInfo(url=tansu.url, bootstrap=tansu.bootstrap, embedded=True)
@@ -141,7 +140,7 @@ def worker_env(
 def _worker_main() -> None:
     """Entry point of a worker subprocess: settings from the environment, a `TrivialScorer`
     configured by `MODERATION_TEST_SCORER` (JSON keyword arguments)."""
-    from adapters.faust_app import run_worker
+    from adapters.moderation import Moderation
     from moderation_worker.settings import load_settings
     from moderation_worker.tools.trivial_scorer import TrivialScorer
 
@@ -153,111 +152,40 @@ def _worker_main() -> None:
         for codec in filter(None, (c.strip() for c in disabled.split(","))):
             setattr(aiokafka.codec, f"has_{codec}", lambda: False)
     settings = load_settings()
-    run_worker(settings, lambda: TrivialScorer(batch_size=settings.batch_size, **spec))
+    Moderation(settings, lambda: TrivialScorer(batch_size=settings.batch_size, **spec)).run()
 
 
-@dataclass
-class WorkerProcess:
-    """One `moderation-worker` process under test, with its log captured to a file."""
+class WorkerProcess(worker_process.WorkerProcess):
+    """One worker process under test (`_worker_main`), its log captured to a file.
 
-    env: dict[str, str]
-    log_path: Path
-    web_port: int
-    proc: subprocess.Popen[bytes] | None = None
-    scorer: dict[str, Any] = field(default_factory=dict)
+    The launcher is the tools' one, which the demo uses too; this adds the test entry point, the
+    `TrivialScorer` spec and the test process's own environment (minus any config file).
+    """
 
-    def start(self) -> WorkerProcess:
-        env = {
-            **os.environ,
-            **self.env,
-            "MODERATION_WEB_PORT": str(self.web_port),
-            SCORER_ENV: json.dumps(self.scorer),
-            "PYTHONUNBUFFERED": "1",
-        }
-        env.pop("MODERATION_CONFIG_FILE", None)
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        web_port: int,
+        scorer: dict[str, Any] | None = None,
+    ) -> None:
+        self.scorer = scorer or {}
+        full = {**os.environ, **env, SCORER_ENV: json.dumps(self.scorer)}
+        full.pop("MODERATION_CONFIG_FILE", None)
         code = "from tests.fixtures_broker import _worker_main; _worker_main()"
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", code],
-                cwd=REPO_ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        return self
-
-    def health(self) -> tuple[int, dict[str, Any]] | None:
-        """(status, body) of `/health`, or None while the web server is not up."""
-        url = f"http://127.0.0.1:{self.web_port}/health"
-        try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"{}")
-        except (OSError, ValueError):
-            return None
-
-    def get(self, path: str) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}{path}", timeout=2) as r:
-            return r.read().decode("utf-8")
-
-    def wait_ready(self, timeout: float = 30.0, *, assigned: bool = True) -> dict[str, Any]:
-        """Block until `/health` says ready (and, by default, partitions are assigned)."""
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            self._check_alive()
-            last = self.health()
-            if last is not None and last[0] == 200:
-                body = last[1]
-                if not assigned or (body["assigned_partitions"] and not body["rebalancing"]):
-                    return body
-            time.sleep(0.1)
-        raise TimeoutError(
-            f"worker not ready after {timeout}s (last health {last}):\n{self.log_tail()}"
+        super().__init__(
+            full,
+            log_path,
+            web_port,
+            command=[sys.executable, "-c", code],
+            cwd=REPO_ROOT,
+            append_log=True,
+            tail_lines=40,
         )
-
-    def _check_alive(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
-
-    def signal(self, sig: signal.Signals) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def wait(self, timeout: float = 30.0) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout=timeout)
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM, then SIGKILL if it does not exit in time."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
-        return self.proc.returncode
 
     def log_lines(self) -> list[dict[str, Any]]:
         """The worker's JSON log records (non-JSON lines are skipped)."""
-        out = []
-        for line in self.log_path.read_bytes().splitlines():
-            try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                out.append(record)
-        return out
-
-    def log_tail(self, n: int = 4000) -> str:
-        return self.log_path.read_bytes()[-n:].decode("utf-8", "replace")
+        return self.log_records()
 
 
 @pytest.fixture
@@ -287,14 +215,9 @@ def spawn_worker(tmp_path: Path) -> Iterator[Any]:
 
 
 async def create_topics(broker: BrokerInfo, names: Iterable[str], partitions: int) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(n, partitions, 1) for n in names])
-    finally:
-        await admin.close()
+    """Topics with one replica (`adapters.kafka_admin.create_topics`, as the demo makes them)."""
+    settings = Settings(broker_url=broker.url, topic_replication_factor=1)
+    await kafka_admin.create_topics(settings, names, partitions=partitions)
 
 
 async def produce(

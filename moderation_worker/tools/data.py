@@ -28,6 +28,16 @@ ETHOS_TRAIN_ROWS = 800
 
 TRUE_WORDS = {"1", "true", "yes", "hateful", "hate", "toxic", "positive"}
 FALSE_WORDS = {"0", "false", "no", "not hateful", "safe", "clean", "negative", "none"}
+#: Words that generated comments are drawn from, when no real data is at hand (benchmarks):
+#: chat about sport and recipes, with an insult in the mix.
+FILLER_WORDS = tuple(
+    (
+        "the match last night was great and the referee made a few calls I disagree with "
+        "thanks for sharing this recipe I will try it tomorrow with my family "
+        "you are an idiot and people like you are trash "
+        "honestly this thread is going nowhere but the original post had a point"
+    ).split()
+)
 
 
 class DataError(ValueError):

@@ -28,16 +28,11 @@ import faust
 import orjson
 
 from adapters.faust_app import build_app, worker_state
+from adapters.kafka_admin import create_topics, kafka_consumer, kafka_producer
 from adapters.tansu import free_port
 from moderation_worker.settings import Settings
+from moderation_worker.tools.data import FILLER_WORDS
 from moderation_worker.verdicts import ProbabilityModel
-
-_WORDS = (
-    "the match last night was great and the referee made a few calls I disagree with "
-    "thanks for sharing this recipe I will try it tomorrow with my family "
-    "you are an idiot and people like you are trash "
-    "honestly this thread is going nowhere but the original post had a point"
-).split()
 
 
 class _InProcessWorker(faust.Worker):
@@ -50,7 +45,7 @@ class _InProcessWorker(faust.Worker):
 def bench_texts(n: int, seed: int = 0) -> list[str]:
     """Deterministic comment texts of 5 to 40 words."""
     rng = random.Random(seed)
-    return [" ".join(rng.choices(_WORDS, k=rng.randint(5, 40))) for _ in range(n)]
+    return [" ".join(rng.choices(FILLER_WORDS, k=rng.randint(5, 40))) for _ in range(n)]
 
 
 def measure_pipeline(
@@ -112,10 +107,6 @@ def _worker_fetch_wait(ms: int | None) -> Iterator[None]:
         driver.AIOKafkaConsumerThread._create_worker_consumer = original  # type: ignore[method-assign]
 
 
-def _bootstrap(broker_url: str) -> str:
-    return ",".join(url.split("://", 1)[-1] for url in broker_url.split(";"))
-
-
 async def _measure(
     settings: Settings,
     model: ProbabilityModel,
@@ -123,31 +114,14 @@ async def _measure(
     rate: float | None,
     timeout_s: float,
 ) -> dict[str, Any]:
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    bootstrap = _bootstrap(settings.broker_url)
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics(
-            [
-                NewTopic(
-                    settings.input_topic,
-                    settings.input_partitions,
-                    settings.topic_replication_factor,
-                )
-            ]
-        )
-    finally:
-        await admin.close()
-
+    await create_topics(settings, [settings.input_topic])
     events = [
         (f"u{i % 97}".encode(), orjson.dumps({"id": f"b{i}", "text": text}))
         for i, text in enumerate(bench_texts(n_events))
     ]
     sent: dict[str, float] = {}
     if rate is None:
-        await _produce(bootstrap, settings.input_topic, events, None, sent)
+        await _produce(settings, events, None, sent)
 
     app = build_app(settings, model)
     state = worker_state(app)
@@ -172,7 +146,6 @@ async def _measure(
         feeder = threading.Thread(
             target=lambda: asyncio.run(
                 _feed_and_collect(
-                    bootstrap,
                     settings,
                     events if rate is not None else [],
                     rate,
@@ -228,15 +201,13 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 
 async def _produce(
-    bootstrap: str,
-    topic: str,
+    settings: Settings,
     events: list[tuple[bytes, bytes]],
     rate: float | None,
     sent: dict[str, float],
 ) -> None:
-    from aiokafka import AIOKafkaProducer
-
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2)
+    """Send `events` to the input topic (at `rate`/s when given), noting when each was sent."""
+    producer = kafka_producer(settings, linger_ms=2)
     await producer.start()
     try:
         started = time.monotonic()
@@ -247,14 +218,13 @@ async def _produce(
                 if delay > 0:
                     await asyncio.sleep(delay)
             sent[f"b{i}"] = time.time()
-            pending.append(await producer.send(topic, key=key, value=value))
+            pending.append(await producer.send(settings.input_topic, key=key, value=value))
         await asyncio.gather(*pending)
     finally:
         await producer.stop()
 
 
 async def _feed_and_collect(
-    bootstrap: str,
     settings: Settings,
     events: list[tuple[bytes, bytes]],
     rate: float | None,
@@ -264,19 +234,17 @@ async def _feed_and_collect(
     n_events: int,
     timeout_s: float,
 ) -> None:
-    from aiokafka import AIOKafkaConsumer
-
-    consumer = AIOKafkaConsumer(
+    consumer = kafka_consumer(
+        settings,
         settings.verdict_topic,
         settings.dlq_topic,
-        bootstrap_servers=bootstrap,
         group_id=None,
         auto_offset_reset="earliest",
         metadata_max_age_ms=500,
         fetch_max_wait_ms=20,  # the reader's own wait must not count as pipeline latency
     )
     await consumer.start()
-    feeder = asyncio.ensure_future(_produce(bootstrap, settings.input_topic, events, rate, sent))
+    feeder = asyncio.ensure_future(_produce(settings, events, rate, sent))
     deadline = time.monotonic() + timeout_s
     try:
         while len(received) < n_events and time.monotonic() < deadline:
