@@ -439,7 +439,9 @@ def test_cpu_dockerfile_build_steps_replay_into_a_fresh_venv(tmp_path, compose, 
     report = build_steps.replay(image, ROOT, tmp_path / "root", python)
 
     assert report.unreplayed_commands() == []
-    assert [s.detail for s in report.pip_steps()] == ["--no-cache-dir -c /src/requirements.lock /src"]
+    assert [s.detail for s in report.pip_steps()] == [
+        "--no-cache-dir -c /src/requirements.lock /src"
+    ]
     entrypoint = image.exec_list("ENTRYPOINT")[0]
     assert (python.parent / entrypoint).is_file()
 

@@ -33,8 +33,9 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from adapters import kafka_security
-from adapters.kafka_security import BrokerConnectionError, aiokafka_client_kwargs
+from adapters import kafka_preflight, kafka_security
+from adapters.kafka_preflight import BrokerConnectionError
+from adapters.kafka_security import aiokafka_client_kwargs
 from adapters.tansu import TansuBroker, free_port
 from moderation_worker.settings import CONFIG_FILE_ENV, Settings, SettingsError, load_settings
 from tests.fixtures_broker import (
@@ -298,7 +299,7 @@ def test_faust_gets_the_same_client_settings_as_aiokafka_kwargs(
     import faust
     from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
-    from adapters.faust_app import faust_options
+    from adapters.options import faust_options
 
     cases = [
         dict(security_protocol="SSL", ssl_cafile=pki.ca_file),
@@ -376,11 +377,11 @@ def test_tls_alert_from_a_real_kafka_about_a_missing_client_certificate_names_ss
     """Apache Kafka sends TLS alerts the proxy cannot (asyncio aborts without one)."""
     s = Settings(security_protocol="SSL", ssl_cafile=pki.ca_file)
     alert = ssl.SSLError(1, "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert (_ssl.c:2580)")
-    text = kafka_security.describe_failure(alert, "kafka-1", 9093, s)
+    text = kafka_preflight.describe_failure(alert, "kafka-1", 9093, s)
     assert "TLS handshake with kafka-1:9093 failed" in text
     assert "requires a client certificate" in text and "MODERATION_SSL_CERTFILE" in text
     not_tls = ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)")
-    assert "does not speak TLS" in kafka_security.describe_failure(not_tls, "h", 1, s)
+    assert "does not speak TLS" in kafka_preflight.describe_failure(not_tls, "h", 1, s)
 
 
 async def test_refused_connection_names_broker_url_after_retrying() -> None:
@@ -388,7 +389,7 @@ async def test_refused_connection_names_broker_url_after_retrying() -> None:
     s = Settings(broker_url=f"kafka://127.0.0.1:{port}")
     started = time.monotonic()
     with pytest.raises(BrokerConnectionError) as info:
-        await kafka_security.check_connection(s, timeout_s=1.5)
+        await kafka_preflight.check_connection(s, timeout_s=1.5)
     elapsed = time.monotonic() - started
     assert f"connection to 127.0.0.1:{port} refused" in str(info.value)
     assert "broker_url (MODERATION_BROKER_URL)" in str(info.value)
@@ -582,7 +583,7 @@ async def test_tls_listener_refuses_plaintext_clients_with_a_clear_message(
     """The endpoint really is TLS-only, and a PLAINTEXT worker is told what to change."""
     s = Settings(broker_url=tls_cluster.proxy.url)
     with pytest.raises(BrokerConnectionError) as info:
-        await kafka_security.check_connection(s, timeout_s=10)
+        await kafka_preflight.check_connection(s, timeout_s=10)
     text = str(info.value)
     assert f"the broker at {tls_cluster.proxy.bootstrap} closed the connection" in text
     assert "security_protocol (MODERATION_SECURITY_PROTOCOL)" in text
@@ -595,7 +596,7 @@ async def test_unreachable_advertised_listener_is_named(tls_cluster: SecureClust
     otherwise shows as a worker that connects and then hangs."""
     s = Settings(broker_url=tls_cluster.tansu.url)  # Tansu's own plaintext port
     with pytest.raises(BrokerConnectionError) as info:
-        await kafka_security.check_connection(s, timeout_s=10)
+        await kafka_preflight.check_connection(s, timeout_s=10)
     text = str(info.value)
     assert text.startswith(f"bootstrap server {tls_cluster.tansu.bootstrap} answered")
     assert "the worker cannot connect to the advertised brokers" in text
@@ -613,7 +614,7 @@ async def test_one_unreachable_broker_of_several_only_warns(
     brokers = [(1, "127.0.0.1", tls_cluster.proxy.port), (2, "127.0.0.1", dead)]
     kwargs = aiokafka_client_kwargs(s)
     with caplog.at_level("WARNING", logger="moderation_worker.kafka_security"):
-        await kafka_security._check_advertised(
+        await kafka_preflight._check_advertised(
             brokers, ("127.0.0.1", 1), kwargs, s, time.monotonic() + 5
         )
     assert [r.error for r in caplog.records] == [  # type: ignore[attr-defined]
@@ -621,7 +622,7 @@ async def test_one_unreachable_broker_of_several_only_warns(
         "(nothing listens there): check broker_url (MODERATION_BROKER_URL)"
     ]
     with pytest.raises(BrokerConnectionError, match="cannot connect to the advertised brokers"):
-        await kafka_security._check_advertised(
+        await kafka_preflight._check_advertised(
             brokers[1:], ("127.0.0.1", 1), kwargs, s, time.monotonic() + 5
         )
 
@@ -672,7 +673,7 @@ async def test_mtls_encrypted_key_with_password_file_passes_and_foreign_cert_is_
             ssl_keyfile_password_file=pki.key_password_file,
         )
     )
-    brokers = await kafka_security.check_connection(good, timeout_s=10)
+    brokers = await kafka_preflight.check_connection(good, timeout_s=10)
     assert [(h, p) for _, h, p in brokers] == [("127.0.0.1", mtls_cluster.proxy.port)]
 
     foreign = Settings(
@@ -680,7 +681,7 @@ async def test_mtls_encrypted_key_with_password_file_passes_and_foreign_cert_is_
     )
     errors_before = len(mtls_cluster.proxy.handshake_errors)
     with pytest.raises(BrokerConnectionError) as info:
-        await kafka_security.check_connection(foreign, timeout_s=10)
+        await kafka_preflight.check_connection(foreign, timeout_s=10)
     assert f"rejected the client certificate ssl_certfile {pki.foreign_cert}" in str(info.value)
     assert any(
         "CERTIFICATE_VERIFY_FAILED" in e
@@ -719,14 +720,14 @@ async def test_certificate_for_another_host_names_ssl_check_hostname(
     ) as p:
         s = Settings(**{**_tls(tls_cluster, pki), "broker_url": p.url})
         with pytest.raises(BrokerConnectionError) as info:
-            await kafka_security.check_connection(s, timeout_s=10)
+            await kafka_preflight.check_connection(s, timeout_s=10)
         text = str(info.value)
         assert "certificate verify failed" in text and "does not name 127.0.0.1" in text
         assert "ssl_check_hostname (MODERATION_SSL_CHECK_HOSTNAME)" in text
         relaxed = Settings(
             **{**_tls(tls_cluster, pki), "broker_url": p.url}, ssl_check_hostname=False
         )
-        brokers = await kafka_security.check_connection(relaxed, timeout_s=10)
+        brokers = await kafka_preflight.check_connection(relaxed, timeout_s=10)
         assert [p_ for _, _, p_ in brokers] == [tls_cluster.proxy.port]
 
 
@@ -746,7 +747,7 @@ async def test_refused_scram_login_is_a_clear_error_not_a_keyerror(
         sasl_password_file=password_file,
     )
     with pytest.raises(BrokerConnectionError) as info:
-        await kafka_security.check_connection(s, timeout_s=10)
+        await kafka_preflight.check_connection(s, timeout_s=10)
     text = str(info.value)
     assert text.startswith(f"SASL {mechanism} login as alice to {sasl_tansu.bootstrap} rejected")
     assert "(broker says: unknown-user)" in text
@@ -768,7 +769,7 @@ async def test_mechanism_the_broker_does_not_offer_names_sasl_mechanism(
         sasl_password=SECRET,
     )
     with pytest.raises(BrokerConnectionError) as info:
-        await kafka_security.check_connection(s, timeout_s=10)
+        await kafka_preflight.check_connection(s, timeout_s=10)
     assert "SASL PLAIN login" in str(info.value) and "sasl_mechanism" in str(info.value)
     assert SECRET not in str(info.value)
 
@@ -876,7 +877,7 @@ async def test_scram_login_succeeds_and_a_worker_scores_on_a_real_kafka(
     """
     values = _sasl_broker_from_env()
     settings = Settings(**values)
-    brokers = await kafka_security.check_connection(settings, timeout_s=20)
+    brokers = await kafka_preflight.check_connection(settings, timeout_s=20)
     assert brokers, "a logged-in metadata request lists the brokers"
     info = BrokerInfo(url=settings.broker_url, bootstrap=_bootstrap(settings), embedded=False)
     worker_values = dict(values)
