@@ -47,7 +47,7 @@ from moderation_worker.tools.demo.inputs import (
 )
 from moderation_worker.tools.demo.progress import Console, wait_for_worker
 from moderation_worker.tools.demo.run import run_demo, run_demo_command, signals_deferred
-from moderation_worker.tools.demo.stream import Outcome, Position, StreamResult, stream_events
+from moderation_worker.tools.demo.stream import Position, ReadBack, StreamResult, stream_events
 from moderation_worker.tools.demo.summary import (
     DemoReport,
     batch_fill_from_metrics,
@@ -70,7 +70,7 @@ __all__ = [
     "DemoEvent",
     "DemoInput",
     "DemoReport",
-    "Outcome",
+    "ReadBack",
     "Position",
     "StreamResult",
     "WorkerProcess",

@@ -22,7 +22,7 @@ Position = tuple[int, int]  # (partition, offset) of an input record
 
 
 @dataclass
-class Outcome:
+class ReadBack:
     """The first verdict or dead letter read for one input record."""
 
     kind: str  # "verdict" | "dead_letter"
@@ -36,11 +36,11 @@ class StreamResult:
 
     sent_at: dict[int, float] = field(default_factory=dict)
     positions: dict[int, Position] = field(default_factory=dict)
-    outcomes: dict[Position, Outcome] = field(default_factory=dict)
+    outcomes: dict[Position, ReadBack] = field(default_factory=dict)
     duplicates: int = 0
     timed_out: bool = False
 
-    def outcome(self, index: int) -> Outcome | None:
+    def outcome(self, index: int) -> ReadBack | None:
         position = self.positions.get(index)
         return None if position is None else self.outcomes.get(position)
 
@@ -154,7 +154,7 @@ async def stream_events(
                         if position in result.outcomes:
                             result.duplicates += 1
                             continue
-                        result.outcomes[position] = Outcome(kind, value, now)
+                        result.outcomes[position] = ReadBack(kind, value, now)
                         counts[kind] += 1
                         if position in index_of:
                             settle(index_of[position])
