@@ -78,11 +78,7 @@ def build_record(
     are dropped except trace context, and the value sheds weight (see `encode_outcome`).
     """
     value = outcome_value(outcome)
-    key = outcome.event.key
-    if key is not None and len(key) > MAX_KEY_BYTES:
-        digest = hashlib.sha256(key).hexdigest()
-        value["original_key_sha256"] = digest
-        key = b"sha256:" + digest.encode("ascii")
+    key = _bounded_key(outcome.event.key, MAX_KEY_BYTES, value)
     headers = copied_headers(outcome.event.headers) + moderation_headers(outcome, value)
     record = OutputRecord(key, b"", headers)
     budget = max(1_024, max_request_bytes - record.size)
@@ -99,16 +95,27 @@ def minimal_record(outcome: Outcome[Any]) -> OutputRecord:
         value["original_size"] = len(outcome.event.raw)
         value["original_b64"] = ""
         value["original_truncated"] = True
-    for field in ("id", "error"):
+    _cut_long_strings(value, ("id", "error"))
+    key = _bounded_key(outcome.event.key, 256, value)
+    return OutputRecord(key, orjson.dumps(value), moderation_headers(outcome, value))
+
+
+def _bounded_key(key: bytes | None, limit: int, value: dict[str, Any]) -> bytes | None:
+    """`key`, or `sha256:<hex>` of it when longer than `limit` (the hash also goes into
+    `value` as `original_key_sha256`, so the record can still be joined to its input)."""
+    if key is None or len(key) <= limit:
+        return key
+    digest = hashlib.sha256(key).hexdigest()
+    value["original_key_sha256"] = digest
+    return b"sha256:" + digest.encode("ascii")
+
+
+def _cut_long_strings(value: dict[str, Any], fields: Sequence[str]) -> None:
+    """Cut each of `fields` that is a string over `_KEEP_CHARS`, and mark the value `truncated`."""
+    for field in fields:
         if isinstance(value.get(field), str) and len(value[field]) > _KEEP_CHARS:
             value[field] = value[field][:_KEEP_CHARS]
             value["truncated"] = True
-    key = outcome.event.key
-    if key is not None and len(key) > 256:
-        digest = hashlib.sha256(key).hexdigest()
-        value["original_key_sha256"] = digest
-        key = b"sha256:" + digest.encode("ascii")
-    return OutputRecord(key, orjson.dumps(value), moderation_headers(outcome, value))
 
 
 def copied_headers(headers: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
@@ -181,10 +188,7 @@ def encode_value(value: dict[str, Any], outcome: Outcome[Any], max_bytes: int) -
     data = orjson.dumps(value)
     if len(data) <= max_bytes:
         return data
-    for field in ("id", "error", "original_b64"):
-        if isinstance(value.get(field), str) and len(value[field]) > _KEEP_CHARS:
-            value[field] = value[field][:_KEEP_CHARS]
-            value["truncated"] = True
+    _cut_long_strings(value, ("id", "error", "original_b64"))
     return orjson.dumps(value)
 
 

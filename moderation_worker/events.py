@@ -199,15 +199,11 @@ def parse_comment(
     return comment_from_object(obj, max_text_chars)
 
 
-def nesting_depth(obj: Any, limit: int) -> int:
-    """Depth of nested objects/arrays (a scalar is 0), counted without recursion and stopping
-    once past `limit`, so a hostile event costs at most its own size to check."""
-    return _shape(obj, limit)[0]
-
-
 def _shape(obj: Any, limit: int) -> tuple[int, int, int, bool]:
     """(depth, how often "id" and "text" occur as keys or string values, whether a number is
-    beyond 64-bit integer range) in one pass.
+    beyond 64-bit integer range) in one pass. Depth counts nested objects/arrays (a scalar is
+    0) without recursion and stops once past `limit`, so a hostile event costs at most its
+    own size to check.
 
     orjson turns an integer beyond 64 bits into a float, so a float that large marks where the
     exact digits must be recovered. Only containers go on the stack; scalars are looked at in
