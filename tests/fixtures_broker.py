@@ -76,6 +76,10 @@ class BrokerInfo:
         return TANSU_GROUP_TIMING if self.embedded else KAFKA_GROUP_TIMING
 
 
+#: A record to produce with headers: (key, value, [(name, value), ...]).
+RecordWithHeaders = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
+
+
 @pytest.fixture(scope="session")
 def broker() -> Iterator[BrokerInfo]:
     url = os.environ.get(BROKER_ENV)
@@ -223,23 +227,36 @@ async def create_topics(broker: BrokerInfo, names: Iterable[str], partitions: in
 async def produce(
     broker: BrokerInfo,
     topic: str,
-    records: Iterable[tuple[bytes | None, bytes | None]],
+    records: Iterable[tuple[bytes | None, bytes | None] | RecordWithHeaders],
     *,
     compression_type: str | None = None,
+    partition: int | None = None,
+    max_request_size: int = 1_048_576,
 ) -> list[tuple[int, int]]:
-    """Send (key, value) records; return their (partition, offset) in order.
+    """Send (key, value) or (key, value, headers) records; return their (partition, offset).
 
     `compression_type` (gzip, snappy, lz4, zstd) compresses each record batch, as real producers
-    do; None sends them uncompressed.
+    do; None sends them uncompressed. `partition` pins every record to one partition (by
+    default the key picks it).
     """
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(
-        bootstrap_servers=broker.bootstrap, linger_ms=5, compression_type=compression_type
+        bootstrap_servers=broker.bootstrap,
+        linger_ms=5,
+        compression_type=compression_type,
+        max_request_size=max_request_size,
     )
     await producer.start()
     try:
-        futures = [await producer.send(topic, key=k, value=v) for k, v in records]
+        futures = []
+        for key, value, *rest in records:
+            headers = rest[0] if rest else None
+            futures.append(
+                await producer.send(
+                    topic, key=key, value=value, headers=headers or None, partition=partition
+                )
+            )
         metadata = await asyncio.gather(*futures)
     finally:
         await producer.stop()

@@ -24,6 +24,7 @@ from tests.fixtures_broker import (
     comment,
     committed_offsets,
     create_topics,
+    produce,
     read_outputs,
     worker_env,
 )
@@ -33,27 +34,18 @@ from tests.test_worker_broker import assert_nothing_committed_without_output, wa
 pytestmark = pytest.mark.broker
 
 
-async def produce_records(
-    broker: BrokerInfo,
-    topic: str,
-    records: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]],
-) -> list[tuple[int, int]]:
-    """Send (key, value, headers) records one partition at a time; their (partition, offset)."""
-    from aiokafka import AIOKafkaProducer
-
-    producer = AIOKafkaProducer(
-        bootstrap_servers=broker.bootstrap, linger_ms=5, max_request_size=2_000_000
-    )
-    await producer.start()
-    try:
-        futures = [
-            await producer.send(topic, key=k, value=v, headers=h or None, partition=0)
-            for k, v, h in records
-        ]
-        metadata = await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
-    return [(m.partition, m.offset) for m in metadata]
+def watch_until_exit(worker: WorkerProcess, timeout: float, why: str) -> dict[str, Any] | None:
+    """Poll `/health` until the worker process exits; the last 503 body that gave a reason."""
+    saw_503 = None
+    deadline = time.monotonic() + timeout
+    while worker.proc is not None and worker.proc.poll() is None:
+        health = worker.health()
+        if health is not None and health[0] == 503 and "reason" in health[1]:
+            saw_503 = health[1]
+        assert time.monotonic() < deadline, why
+        time.sleep(0.1)
+    assert worker.proc is not None and worker.proc.returncode != 0
+    return saw_503
 
 
 @dataclass
@@ -104,8 +96,12 @@ async def test_hostile_corpus_through_the_broker_one_valid_output_each_and_the_w
         worker_env(broker, topics, partitions=1), scorer={"poison_marker": "POISON"}
     )
     worker.wait_ready()
-    positions = await produce_records(
-        broker, topics.input, [(c.key, c.value, c.headers) for c in CORPUS]
+    positions = await produce(
+        broker,
+        topics.input,
+        [(c.key, c.value, c.headers) for c in CORPUS],
+        partition=0,
+        max_request_size=2_000_000,
     )
     records = await read_records(broker, topics, len(CORPUS), timeout=60)
     await asyncio.sleep(0.5)
@@ -151,17 +147,11 @@ async def test_a_hung_model_turns_health_503_then_stops_the_worker_with_nothing_
     worker: WorkerProcess = spawn_worker(env, scorer={"hang_marker": "HANG", "hang_s": 600})
     worker.wait_ready()
     records = [(b"k", comment(i, "HANG" if i == 3 else None), []) for i in range(6)]
-    await produce_records(broker, topics.input, records)
+    await produce(broker, topics.input, records, partition=0)
 
-    saw_503 = None
-    deadline = time.monotonic() + 30
-    while worker.proc is not None and worker.proc.poll() is None:
-        health = worker.health()
-        if health is not None and health[0] == 503:
-            saw_503 = health[1]
-        assert time.monotonic() < deadline, "a hung model must stop the worker"
-        await asyncio.sleep(0.1)
-    assert worker.proc is not None and worker.proc.returncode != 0
+    saw_503 = await asyncio.to_thread(
+        watch_until_exit, worker, 30, "a hung model must stop the worker"
+    )
     assert saw_503 is not None and saw_503["reason"] == "model_timeout", saw_503
     assert "error" not in saw_503, "no exception text on /health"
     assert any(r.get("reason") == "model_timeout" for r in worker.log_lines())
@@ -178,8 +168,11 @@ async def test_sigterm_mid_batch_finishes_publishes_and_commits_no_duplicates_no
     env = worker_env(broker, topics, partitions=partitions)
     first: WorkerProcess = spawn_worker(env, scorer={"delay_s": 0.6})
     first.wait_ready()
-    await produce_records(
-        broker, topics.input, [(f"u{i % 7}".encode(), comment(i), []) for i in range(n)]
+    await produce(
+        broker,
+        topics.input,
+        [(f"u{i % 7}".encode(), comment(i), []) for i in range(n)],
+        partition=0,
     )
     await read_outputs(broker, topics, until=lambda o: len(o.all) >= 8, timeout=30)
     first.signal(signal.SIGTERM)  # a batch is in the model now (each call takes 0.6 s)
@@ -206,8 +199,11 @@ async def test_a_rebalance_while_a_batch_is_in_the_model_loses_and_repeats_nothi
     env = worker_env(broker, topics, partitions=partitions)
     a: WorkerProcess = spawn_worker(env, scorer={"delay_s": 0.5})
     a.wait_ready()
-    await produce_records(
-        broker, topics.input, [(f"u{i % 11}".encode(), comment(i), []) for i in range(n)]
+    await produce(
+        broker,
+        topics.input,
+        [(f"u{i % 11}".encode(), comment(i), []) for i in range(n)],
+        partition=0,
     )
     await read_outputs(broker, topics, until=lambda o: len(o.all) >= 8, timeout=30)
     b: WorkerProcess = spawn_worker(env, scorer={"delay_s": 0.05})  # joins: a rebalance
@@ -237,22 +233,18 @@ async def test_a_stalled_broker_fails_the_publish_in_time_turns_health_503_and_s
         env = worker_env(broker, topics, partitions=1, publish_timeout_s=2, shutdown_timeout_s=6)
         worker: WorkerProcess = spawn_worker(env, scorer={"delay_s": 0.4})
         worker.wait_ready()
-        await produce_records(broker, topics.input, [(b"k", comment(i), []) for i in range(40)])
+        await produce(
+            broker, topics.input, [(b"k", comment(i), []) for i in range(40)], partition=0
+        )
         await read_outputs(broker, topics, until=lambda o: len(o.all) >= 8, timeout=30)
         assert tansu._proc is not None
         tansu._proc.send_signal(signal.SIGSTOP)
         try:
-            saw_503 = None
-            deadline = time.monotonic() + 40
-            while worker.proc is not None and worker.proc.poll() is None:
-                health = worker.health()
-                if health is not None and health[0] == 503 and "reason" in health[1]:
-                    saw_503 = health[1]
-                assert time.monotonic() < deadline, "a stalled broker must stop the worker"
-                await asyncio.sleep(0.1)
+            saw_503 = await asyncio.to_thread(
+                watch_until_exit, worker, 40, "a stalled broker must stop the worker"
+            )
         finally:
             tansu._proc.send_signal(signal.SIGCONT)
-        assert worker.proc is not None and worker.proc.returncode != 0
         assert saw_503 is not None and saw_503["reason"] == "publish_timeout", saw_503
         out = await read_outputs(broker, topics, idle=1.0)
         await assert_nothing_committed_without_output(broker, topics, 1, out)
