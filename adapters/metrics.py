@@ -67,9 +67,25 @@ class PipelineMetrics:
         self.threshold_reloads = Counter(
             f"{p}_threshold_reloads", "SIGHUP threshold reloads", ["result"], registry=r
         )
+        self.classifier_flags = Counter(
+            f"{p}_classifier_flags",
+            "Comments a classifier flagged (shadow ones too: they never decide)",
+            ["classifier", "mode"],
+            registry=r,
+        )
+        self.control_records = Counter(
+            f"{p}_control_records", "Control-topic records read", ["result"], registry=r
+        )
+        self.control_version = Gauge(
+            f"{p}_control_version", "Control state the last batch was decided under", registry=r
+        )
         self.model_info = Gauge(
             f"{p}_model_info", "Model in use (value 1)", ["base_model", "lora_sha256"], registry=r
         )
+
+    def control_record(self, result: str, reason: str | None = None) -> None:
+        """`ControlTopicReader`'s hook: one count per record, applied or rejected."""
+        self.control_records.labels(result).inc()
 
     def set_model(self, base_model: str, lora_sha256: str | None) -> None:
         self.model_info.labels(base_model, lora_sha256 or "none").set(1)
@@ -89,9 +105,14 @@ class PipelineMetrics:
         for seconds in result.model_seconds:
             self.model_latency.observe(seconds)
         self.threshold.set(result.threshold)
+        if result.control_version is not None:
+            self.control_version.set(result.control_version)
         for outcome in result.outcomes:
             if outcome.verdict is not None:
                 self.verdicts.labels(outcome.verdict.label).inc()
+                for r in outcome.verdict.results:
+                    if r.flagged:
+                        self.classifier_flags.labels(r.name, r.mode).inc()
             elif outcome.dead_letter is not None:
                 self.dead_letters.labels(outcome.dead_letter.reason).inc()
             produced_at = outcome.event.produced_at

@@ -90,4 +90,7 @@ class ModelLoader:
 
 
 def _is_model(obj: object) -> bool:
-    return hasattr(obj, "predict_proba") and hasattr(obj, "labels")
+    """A loaded model (one classifier, or a set scoring rows), not a factory of one."""
+    return hasattr(obj, "predict_rows") or (
+        hasattr(obj, "predict_proba") and hasattr(obj, "labels")
+    )

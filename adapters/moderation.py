@@ -34,6 +34,7 @@ from faust.types import TP
 from adapters import codecs, fetch_guard, lifecycle
 from adapters.delivery_guard import check_delivery_config
 from adapters.faust_events import to_input_event
+from adapters.fleet_policy import FleetPolicy, model_identity
 from adapters.health import (
     HealthReport,
     add_views,
@@ -96,6 +97,8 @@ class Moderation:
         self.web_prefix = normalise_prefix(web_prefix)
         self.threshold = ThresholdSource(settings, None, reload_settings)
         self.metrics = PipelineMetrics()
+        # Routes, thresholds and modes: the settings, then the control topic's overrides.
+        self.policy = FleetPolicy(settings, self.metrics.control_record)
         self.metrics.threshold.set(self.threshold.value)
         # One model call at a time: a model is not assumed to be thread-safe.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -204,13 +207,21 @@ class Moderation:
             await topic.maybe_declare()
         await self.app.producer.maybe_start()
         try:
+            await self.policy.start()  # the fleet's latest state before the first batch
             await self.load_model()
         except Exception as exc:
             await self.crash(exc)
 
     async def _moderate(self, stream: faust.StreamT) -> None:
-        """The agent: every event into the pipeline; the pipeline acks, in arrival order."""
-        await self.model_ready.wait()
+        """The agent: every event into the pipeline; the pipeline acks, in arrival order.
+        The control-topic reader stops with it (the agent is cancelled when the app stops)."""
+        try:
+            await self.model_ready.wait()
+            await self._moderate_events(stream)
+        finally:
+            await self.policy.stop()
+
+    async def _moderate_events(self, stream: faust.StreamT) -> None:
         events = stream.noack()
         pipeline = self._new_pipeline(events.ack)
         runner = asyncio.ensure_future(pipeline.run())
@@ -236,7 +247,7 @@ class Moderation:
     def _new_pipeline(self, ack: Callable[[faust.EventT], Any]) -> BatchPipeline[faust.EventT]:
         assert self.model is not None
         s = self.settings
-        processor = BatchProcessor(self.model, self.threshold, batch_size=s.batch_size)
+        processor = BatchProcessor(self.model, policy=self.policy.snapshot, batch_size=s.batch_size)
 
         async def ack_and_track(event: InputEvent[faust.EventT]) -> None:
             await ack(event.handle)
@@ -260,9 +271,12 @@ class Moderation:
     # ------------------------------------------------------------------ the model
 
     def _set_model(self, model: ProbabilityModel) -> None:
-        self.threshold.bind_model(model)
-        self.metrics.threshold.set(self.threshold.value)
-        self.metrics.set_model(model.identity.base_model, model.identity.lora_sha256)
+        if not hasattr(model, "predict_rows"):
+            self.threshold.bind_model(model)
+        self.policy.bind_model(model)
+        self.metrics.threshold.set(self.policy.primary_threshold()[0])
+        identity = model_identity(model)
+        self.metrics.set_model(identity.base_model, identity.lora_sha256)
         batch_size = self.settings.batch_size
         if model.batch_size != batch_size:
             log.warning(
@@ -302,12 +316,15 @@ class Moderation:
     def health(self) -> HealthReport:
         """The `/health` body and status: 200 when ready, 503 while starting or failed."""
         app = self.app
+        threshold, source = self.policy.primary_threshold()
+        identity = model_identity(self.model)
         body: dict[str, Any] = {
             "status": "ready" if self.ready else ("failed" if self.failure else "starting"),
             "model_loaded": self.model_ready.is_set(),
-            "model": self.model.identity.to_dict() if self.model is not None else None,
-            "threshold": self.threshold.value,
-            "threshold_source": self.threshold.in_force.source,
+            "model": identity.to_dict() if identity is not None else None,
+            "threshold": threshold,
+            "threshold_source": source,
+            "policy": self.policy.snapshot().to_dict(),
             "rebalancing": bool(app.rebalancing),
             "assigned_partitions": sorted(
                 tp.partition
@@ -356,14 +373,16 @@ class Moderation:
             lifecycle.arm_exit_watchdog(self.settings.shutdown_timeout_s, 1, "graceful stop")
 
     def reload_threshold(self) -> None:
-        """SIGHUP: re-resolve the threshold; a bad file keeps the old one (logged, counted)."""
+        """SIGHUP: re-read thresholds, modes and routes from the settings; a bad file or
+        setting keeps the old ones (logged, counted). Control-topic overrides stay on top."""
         try:
-            value = self.threshold.reload().value
+            self.threshold.reload()
+            self.policy.rebase(self.threshold.settings, self.model)
+            self.metrics.threshold.set(self.policy.primary_threshold()[0])
         except SettingsError as exc:
             self.metrics.threshold_reloads.labels("error").inc()
-            log.error("threshold reload failed; keeping %s", self.threshold.value, exc_info=exc)
+            log.error("threshold reload failed; keeping the old policy", exc_info=exc)
             return
-        self.metrics.threshold.set(value)
         self.metrics.threshold_reloads.labels("ok").inc()
 
     async def _refresh_lag(self) -> None:  # the timer

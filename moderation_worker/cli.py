@@ -1,7 +1,8 @@
-"""`moderation-worker` command line: train, calibrate, evaluate, score, worker, config, demo, bench.
+"""`moderation-worker` command line: train, calibrate, evaluate, score, worker, config, control,
+demo, bench.
 
 This module only builds the argument parser and dispatches; the commands themselves are in
-`moderation_worker/tools/commands.py`, which call the library (core, model, adapters, tools).
+`moderation_worker/tools/commands.py` and `tools/control.py`, which call the library.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from moderation_worker.settings import DEFAULT_MODEL  # noqa: E402
+from moderation_worker.tools import control  # noqa: E402
 from moderation_worker.tools.commands import (  # noqa: E402
     cmd_bench,
-    cmd_calibrate,
     cmd_config,
     cmd_demo,
     cmd_evaluate,
@@ -40,7 +41,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data",
         required=True,
-        help="'ethos' (public URL), 'ethos:PATH', or a CSV/JSONL file with text,label columns",
+        help="'ethos' (public URL), 'ethos:PATH', 'ethos-multi:CATEGORY:PATH' (one category "
+        "of the ETHOS multi-label file), or a CSV/JSONL file with text,label columns",
     )
     p.add_argument("--validation-rows", type=int, default=100, help="ETHOS: validation rows")
     p.add_argument("--seed", type=int, default=1234)
@@ -73,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--target-layers", default="query_dense,value_dense,query,value")
     p.add_argument("--train-rows", type=int, default=None, help="use only the first N train rows")
+    p.add_argument(
+        "--negatives-per-positive",
+        type=float,
+        default=None,
+        help="train on every positive and at most this many negatives per positive",
+    )
     p.add_argument("--policy", default="max-f1", help="threshold policy on the validation split")
     p.add_argument("--labels", default=None, help="comma-separated labels, negative first")
     p.add_argument("--positive-label", default=None)
@@ -86,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--policy", default="max-f1", help="max-f1 | youden | fpr<=X | precision>=X")
     p.add_argument("--out", default="threshold.toml", help="threshold file the worker reads")
-    p.set_defaults(func=cmd_calibrate)
+    p.add_argument(
+        "--publish", action="store_true", help="also publish it on the control topic (the fleet)"
+    )
+    p.add_argument("--classifier", default=None, help="whose threshold it is (with --publish)")
+    p.add_argument("--config", default=None, help="TOML settings file (broker, control topic)")
+    p.set_defaults(func=control.cmd_calibrate)
 
     p = sub.add_parser("evaluate", help="metrics report (JSON) and plots (PNG) on a split")
     _add_model_args(p)
@@ -129,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="TOML settings file")
     p.set_defaults(func=cmd_config)
 
+    _add_control_parser(sub)
+
     p = sub.add_parser("bench", help="speed: naive vs batched vs label head, tuning, pipeline")
     p.add_argument("--quick", action="store_true", help="tiny model, tiny counts (< 60 s)")
     p.add_argument("--model", default=None, help="model source (default gemma3-270m; quick: tiny)")
@@ -160,6 +175,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="TOML settings file for the worker")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _add_control_parser(sub: argparse._SubParsersAction) -> None:
+    """`control show | set-threshold | set-mode | set-route | clear`: the fleet's live policy."""
+    group = sub.add_parser("control", help="show or change thresholds, modes, routes live")
+    commands = group.add_subparsers(dest="control_command", required=True)
+
+    def command(name: str, func, help: str, audit: bool = True) -> argparse.ArgumentParser:
+        p = commands.add_parser(name, help=help)
+        p.add_argument("--config", default=None, help="TOML settings file")
+        if audit:
+            p.add_argument("--by", default=None, help="who (default: the login name)")
+            p.add_argument("--reason", default=None, help="why, for the audit trail")
+        p.set_defaults(func=func)
+        return p
+
+    command("show", control.cmd_control_show, "the policy in force and every record", False)
+    p = command("set-threshold", control.cmd_control_set_threshold, "a classifier's threshold")
+    p.add_argument("classifier")
+    p.add_argument("value", help="a number in [0, 1]")
+    p.add_argument("--community", default=None, help="only for this community")
+    p = command("set-mode", control.cmd_control_set_mode, "enforce, or shadow (never decides)")
+    p.add_argument("classifier")
+    p.add_argument("mode", choices=["enforce", "shadow"])
+    p = command("set-route", control.cmd_control_set_route, "classifiers of a community")
+    p.add_argument("community", help="a community, or '*' for events without a route")
+    p.add_argument("classifiers", help="comma-separated, e.g. hate,violence")
+    p = command("clear", control.cmd_control_clear, "remove an override (tombstone)", False)
+    p.add_argument("key", help="e.g. threshold/hate/gaming, mode/violence, route/*")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,8 +51,11 @@ MAX_ID_CHARS = 1_024
 #: orjson refuses to encode past ~255 levels, so a deeper event could never become a verdict.
 DEFAULT_MAX_DEPTH = 64
 
-#: Version of the verdict and dead-letter JSON (see `moderation_worker/schemas/`).
+#: Version of the dead-letter JSON (see `moderation_worker/schemas/`).
 SCHEMA_VERSION = 1
+#: Version of the verdict JSON: 2 added a result per classifier and the combined decision;
+#: every version-1 field is still there, with its version-1 meaning for the primary classifier.
+VERDICT_SCHEMA_VERSION = 2
 
 
 class InvalidEvent(ValueError):
@@ -96,9 +99,42 @@ class ModelIdentity:
 
 
 @dataclass(frozen=True)
+class ClassifierResult:
+    """One classifier's part of a verdict: its score, the threshold it met or not, its mode.
+
+    A `shadow` result is published but never counts towards `Verdict.flagged`.
+    """
+
+    name: str
+    p: float
+    flagged: bool
+    threshold: float
+    threshold_source: str
+    mode: str
+    label: str
+    model: ModelIdentity
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "p": self.p,
+            "flagged": self.flagged,
+            "threshold": self.threshold,
+            "threshold_source": self.threshold_source,
+            "mode": self.mode,
+            "label": self.label,
+            "lora_sha256": self.model.lora_sha256,
+        }
+
+
+@dataclass(frozen=True)
 class Verdict:
     """One decision about one comment.
 
+    `flagged` is the decision: some enforced classifier flagged the comment. `results` has
+    every classifier that scored it (enforced and shadow), and `control_version` the control
+    state the thresholds came from. The version-1 fields (`p_hateful`, `hateful`, `label`,
+    `threshold`, `model`) describe the `primary` classifier: the first enforced one routed for
+    the comment, so a one-classifier deployment reads exactly as before.
     `p_hateful` is the softmax probability of the positive label among the label tokens;
     `latency_ms` is the time from the worker receiving the event to its score.
     """
@@ -113,11 +149,23 @@ class Verdict:
     source: SourcePosition | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     latency_ms: float | None = None
+    results: tuple[ClassifierResult, ...] = ()
+    flagged: bool | None = None  # None: same as `hateful` (a verdict made without results)
+    primary: str | None = None
+    community: str | None = None
+    control_version: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        flagged = self.hateful if self.flagged is None else self.flagged
         out: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": VERDICT_SCHEMA_VERSION,
             "id": self.id,
+            "flagged": flagged,
+            "flagged_by": [r.name for r in self.results if r.flagged and r.mode == "enforce"],
+            "classifiers": {r.name: r.to_dict() for r in self.results},
+            "primary": self.primary,
+            "community": self.community,
+            "control_version": self.control_version,
             "p_hateful": self.p_hateful,
             "hateful": self.hateful,
             "label": self.label,

@@ -17,8 +17,9 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from moderation_worker.batching import InputEvent, Outcome, dead_letter_for, pad_rows
-from moderation_worker.events import SCORING_FAILED
-from moderation_worker.verdicts import ProbabilityModel, make_verdicts
+from moderation_worker.events import SCORING_FAILED, utc_now
+from moderation_worker.policy import PolicyState, single_classifier_policy
+from moderation_worker.verdicts import RowModel, as_row_model, decide
 
 H = TypeVar("H")
 
@@ -47,30 +48,38 @@ class BatchResult(Generic[H]):
     batch_size: int
     model_calls: int = 0
     model_seconds: list[float] = field(default_factory=list)
-    threshold: float = 0.5
+    threshold: float = 0.5  # the primary classifier's default threshold (metrics, logs)
+    control_version: int | None = None
 
     @property
     def fill_ratio(self) -> float:
-        """Real rows over the fixed batch shape; 0 when the batch needed no model call."""
-        return self.rows / self.batch_size if self.rows else 0.0
+        """Real rows over the fixed shapes they filled; 0 when the batch needed no model call."""
+        if not self.rows:
+            return 0.0
+        calls = -(-self.rows // self.batch_size)
+        return self.rows / (calls * self.batch_size)
 
 
 class BatchProcessor:
-    """Scores a batch with a `ProbabilityModel` and returns one outcome per event.
+    """Scores a batch of events with one or more classifiers; one outcome per event.
 
-    Synchronous on purpose: the pipeline runs it in a single-thread executor so the event loop
-    keeps heartbeating while the model works.
+    Each scorable event becomes one row per classifier its route names; rows of any
+    classifiers fill the fixed-shape model calls together. An event whose rows all scored gets
+    a verdict (`verdicts.decide`), one with a failing row a dead letter.
 
     Args:
-        model: the classifier; `predict_proba` always receives exactly `batch_size` texts.
-        threshold: the decision threshold, or a callable read once per batch (SIGHUP reload).
+        model: a `RowModel` (a `ClassifierSet`), or a single-classifier `ProbabilityModel`,
+            which runs as the one classifier `classifier_name`.
+        threshold: for a single classifier without a policy: the threshold, or a callable
+            read once per batch (SIGHUP reload).
         batch_size: rows per model call; default `model.batch_size`.
         canary_text: a known-good text scored when every row of a batch failed, to tell a
             poisonous batch (dead letters) from a broken model (`ModelUnavailable`). A model
-            with several compiled shapes (length buckets) offers `canary_texts()`, one text per
-            shape, and all of them are tried: a failure of one shape is the model's, not the
-            comments'.
+            with several compiled shapes offers one canary row per shape, all tried.
         clock: the monotonic clock `InputEvent.received_at` was taken with (for `latency_ms`).
+        policy: a callable returning the `PolicyState` (routes, thresholds, modes) in force,
+            read once per batch: a change applies at the next batch boundary.
+        classifier_name: the name a single-classifier model runs under.
 
     Example:
         processor = BatchProcessor(TrivialScorer(batch_size=8), threshold=0.5)
@@ -79,35 +88,66 @@ class BatchProcessor:
 
     def __init__(
         self,
-        model: ProbabilityModel,
-        threshold: float | Callable[[], float],
+        model: Any,
+        threshold: float | Callable[[], float] | None = None,
         batch_size: int | None = None,
         canary_text: str = "hello",
         clock: Callable[[], float] = time.monotonic,
+        policy: Callable[[], PolicyState] | None = None,
+        classifier_name: str = "hate",
     ) -> None:
-        self.model = model
-        self._threshold = threshold
-        self.batch_size = batch_size or model.batch_size
-        self.canary_texts = canary_texts(model, canary_text)
+        self.model: RowModel = as_row_model(model, classifier_name)
+        if policy is None:
+            if threshold is None:
+                raise ValueError("give a threshold or a policy")
+            policy = _fixed_threshold_policy(self.model.names[0], threshold)
+        self.policy = policy
+        self.batch_size = batch_size or self.model.batch_size
+        self.canary_rows = self.model.canary_rows() or [("hello", self.model.names[0])]
+        if canary_text != "hello":
+            self.canary_rows = [(canary_text, self.model.names[0])]
         self.clock = clock
 
+    @property
+    def canary_texts(self) -> list[str]:
+        return [text for text, _ in self.canary_rows]
+
     def threshold(self) -> float:
-        return float(self._threshold() if callable(self._threshold) else self._threshold)
+        """The primary classifier's default threshold now (for logs and metrics)."""
+        state = self.policy()
+        return float(state.threshold(state.default_route[0], None).value)
 
     def process(self, events: Sequence[InputEvent[H]]) -> BatchResult[H]:
         """One outcome per event, in order. Raises only `ModelUnavailable`."""
-        threshold = self.threshold()
+        state = self.policy()  # one state decides the whole batch
         scorable = [e for e in events if e.comment is not None]
+        rows = [
+            (i, e.comment.text, name)
+            for i, e in enumerate(scorable)
+            if e.comment is not None
+            for name in state.route(e.comment.meta)
+        ]
         result: BatchResult[H] = BatchResult(
-            [], rows=len(scorable), batch_size=self.batch_size, threshold=threshold
+            [],
+            rows=len(rows),
+            batch_size=self.batch_size,
+            threshold=float(state.threshold(state.default_route[0], None).value),
+            control_version=state.version,
         )
+        scores: list[dict[str, float]] = [{} for _ in scorable]
+        errors: list[BaseException | None] = [None] * len(scorable)
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            answers = self._score_rows([(t, n) for _, t, n in chunk], result)
+            for (i, _, name), answer in zip(chunk, answers, strict=True):
+                if isinstance(answer, BaseException):
+                    errors[i] = errors[i] or answer
+                else:
+                    scores[i][name] = float(answer[1])
+        now = utc_now()
         by_event: dict[int, Outcome[H]] = {}
-        for start in range(0, len(scorable), self.batch_size):
-            chunk = scorable[start : start + self.batch_size]
-            for event, outcome in zip(
-                chunk, self._score_chunk(chunk, threshold, result), strict=True
-            ):
-                by_event[id(event)] = outcome
+        for i, event in enumerate(scorable):
+            by_event[id(event)] = self._outcome(event, scores[i], errors[i], state, now)
         for event in events:
             if event.comment is None:
                 assert event.error is not None
@@ -117,99 +157,112 @@ class BatchProcessor:
                 result.outcomes.append(by_event[id(event)])
         return result
 
-    def _score_chunk(
-        self, chunk: Sequence[InputEvent[H]], threshold: float, result: BatchResult[H]
-    ) -> list[Outcome[H]]:
-        comments = [e.comment for e in chunk if e.comment is not None]
-        rows = self._score_rows([c.text for c in comments], result)
-        outcomes: list[Outcome[H]] = []
-        for event, comment, row in zip(chunk, comments, rows, strict=True):
-            if isinstance(row, BaseException):
-                error = f"{type(row).__name__}: {row}"
-                outcomes.append(
-                    Outcome(event, dead_letter=dead_letter_for(event, SCORING_FAILED, error))
-                )
-            else:
-                (verdict,) = make_verdicts(
-                    [comment], row[None, :], self.model, threshold, [event.source]
-                )
-                latency_ms = max(0.0, (self.clock() - event.received_at) * 1000.0)
-                verdict = dataclasses.replace(verdict, latency_ms=latency_ms)
-                outcomes.append(Outcome(event, verdict=verdict))
-        return outcomes
+    def _outcome(
+        self,
+        event: InputEvent[H],
+        scores: dict[str, float],
+        error: BaseException | None,
+        state: PolicyState,
+        now: str,
+    ) -> Outcome[H]:
+        assert event.comment is not None
+        if error is None:
+            try:
+                verdict = decide(event.comment, scores, self.model, state, event.source, now)
+            except Exception as exc:  # a non-finite score or a misconfigured route
+                error = exc
+        if error is not None:
+            detail = f"{type(error).__name__}: {error}"
+            return Outcome(event, dead_letter=dead_letter_for(event, SCORING_FAILED, detail))
+        latency_ms = max(0.0, (self.clock() - event.received_at) * 1000.0)
+        return Outcome(event, verdict=dataclasses.replace(verdict, latency_ms=latency_ms))
 
     def _score_rows(
-        self, texts: Sequence[str], result: BatchResult[Any]
+        self, rows: Sequence[tuple[str, str]], result: BatchResult[Any]
     ) -> list[np.ndarray | BaseException]:
-        """One probability row or one error per text.
+        """One probability row or one error per (text, classifier) row.
 
-        When the whole call fails (or every row is invalid), a known-good canary text decides
+        When the whole call fails (or every row is invalid), a known-good canary row decides
         between a broken model (`ModelUnavailable`, nothing dead-lettered) and poisonous rows,
         which bisection then isolates.
         """
         try:
-            rows = [_check_row(row) for row in self._predict_fixed(texts, result)]
+            answers = [_check_row(row) for row in self._predict_fixed(rows, result)]
         except Exception as exc:  # the model may raise anything; we only need to localise it
             self._check_canary(exc, result)
-            return self._bisect(texts, exc, result)
-        if all(isinstance(r, BaseException) for r in rows):
-            self._check_canary(rows[0], result)
-        return rows
+            return self._bisect(rows, exc, result)
+        if all(isinstance(r, BaseException) for r in answers):
+            self._check_canary(answers[0], result)
+        return answers
 
     def _bisect(
-        self, texts: Sequence[str], error: BaseException, result: BatchResult[Any]
+        self, rows: Sequence[tuple[str, str]], error: BaseException, result: BatchResult[Any]
     ) -> list[np.ndarray | BaseException]:
         """Split a failing call in halves until the failure is pinned to single rows."""
-        if len(texts) == 1:
+        if len(rows) == 1:
             return [error]
         out: list[np.ndarray | BaseException] = []
-        mid = len(texts) // 2
-        for half in (texts[:mid], texts[mid:]):
+        mid = len(rows) // 2
+        for half in (rows[:mid], rows[mid:]):
             try:
                 out.extend(_check_row(row) for row in self._predict_fixed(half, result))
             except Exception as exc:
                 out.extend(self._bisect(half, exc, result))
         return out
 
-    def _predict_fixed(self, texts: Sequence[str], result: BatchResult[Any]) -> np.ndarray:
-        padded = pad_rows(texts, self.batch_size)
+    def _predict_fixed(
+        self, rows: Sequence[tuple[str, str]], result: BatchResult[Any]
+    ) -> np.ndarray:
+        padded = pad_rows(list(rows), self.batch_size)
         started = time.perf_counter()
         try:
-            probs = np.asarray(self.model.predict_proba(padded), dtype=np.float64)
+            probs = np.asarray(
+                self.model.predict_rows([t for t, _ in padded], [n for _, n in padded]),
+                dtype=np.float64,
+            )
         finally:
             result.model_calls += 1
             result.model_seconds.append(time.perf_counter() - started)
-        expected = (self.batch_size, len(self.model.labels))
+        expected = (self.batch_size, 2)
         if probs.shape != expected:
             raise ValueError(f"model returned shape {probs.shape}, expected {expected}")
-        return probs[: len(texts)]  # padding rows never produce verdicts
+        return probs[: len(rows)]  # padding rows never produce verdicts
 
     def warm_up(self) -> int:
         """Score every canary once: each compiled shape is built (and checked) before the
         worker takes partitions. Returns the number of shapes; raises `ModelUnavailable`."""
         result: BatchResult[Any] = BatchResult([], rows=0, batch_size=self.batch_size)
         self._check_canary(RuntimeError("warm-up"), result)
-        return len(self.canary_texts)
+        return len(self.canary_rows)
 
     def _check_canary(self, first_error: BaseException, result: BatchResult[Any]) -> None:
-        for i, text in enumerate(self.canary_texts):
-            shape = f"canary {i + 1} of {len(self.canary_texts)}"
+        for i, row in enumerate(self.canary_rows):
+            shape = f"canary {i + 1} of {len(self.canary_rows)}"
             try:
-                (row,) = self._predict_fixed([text], result)
+                (answer,) = self._predict_fixed([row], result)
             except Exception as exc:
                 raise ModelUnavailable(
                     f"model fails on a known-good text too ({shape}: {type(exc).__name__}: "
                     f"{exc}); first row error: {first_error!r}"
                 ) from exc
-            if isinstance(_check_row(row), BaseException):
+            if isinstance(_check_row(answer), BaseException):
                 raise ModelUnavailable(f"model returns invalid probabilities for {shape}")
 
 
-def canary_texts(model: Any, default: str = "hello") -> list[str]:
-    """Known-good texts, one per compiled shape of `model` when it says (`canary_texts()`)."""
-    provider = getattr(model, "canary_texts", None)
-    texts = list(provider()) if callable(provider) else []
-    return texts or [default]
+def _fixed_threshold_policy(
+    name: str, threshold: float | Callable[[], float]
+) -> Callable[[], PolicyState]:
+    """A policy of one classifier whose threshold is `threshold` (or its callable's value)."""
+    cache: dict[float, PolicyState] = {}
+
+    def policy() -> PolicyState:
+        value = float(threshold() if callable(threshold) else threshold)
+        if value not in cache:
+            cache.clear()
+            cache[value] = single_classifier_policy(name, value)
+        return cache[value]
+
+    return policy
 
 
 def _check_row(row: np.ndarray) -> np.ndarray | BaseException:

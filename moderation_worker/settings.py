@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -26,6 +26,31 @@ from moderation_worker.events import DEFAULT_MAX_DEPTH, DEFAULT_MAX_TEXT_CHARS
 CONFIG_FILE_ENV = "MODERATION_CONFIG_FILE"
 DEFAULT_MODEL = "gemma3-270m"
 DEFAULT_LORA = "default"
+#: The one classifier a worker runs when `classifiers` is empty (from `lora_weights`, `threshold`).
+DEFAULT_CLASSIFIER = "hate"
+
+
+class ClassifierConfig(BaseModel):
+    """One named LoRA classifier on the shared base model (a `[[classifiers]]` table)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", description="e.g. hate, violence")
+    lora: str = Field(DEFAULT_LORA, description="its .lora.h5 file, or 'default' (shipped)")
+    mode: Literal["enforce", "shadow"] = Field("enforce", description="shadow: never decides")
+    threshold: float | None = Field(None, ge=0.0, le=1.0, description="for every community")
+    community_thresholds: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default_factory=dict, description="community -> threshold, before `threshold`"
+    )
+
+
+def check_community(community: Any) -> str:
+    """A community name as routes and control keys carry it: short, printable, no '/', not '*'."""
+    if not isinstance(community, str) or not community or len(community) > 128:
+        raise ValueError(f"community {community!r} must be a string of 1 to 128 characters")
+    if "/" in community or community == "*" or not community.isprintable():
+        raise ValueError(f"community {community!r} must be printable, without '/', and not '*'")
+    return community
 
 
 class Settings(BaseSettings):
@@ -115,6 +140,19 @@ class Settings(BaseSettings):
     # Decision
     threshold: float | None = Field(None, ge=0.0, le=1.0, description="overrides threshold_file")
     threshold_file: Path | None = Field(None, description="TOML written by `calibrate`")
+    # Classifiers, routing and the control topic (`policy.py` turns these into a PolicyState)
+    classifiers: tuple[ClassifierConfig, ...] = Field(
+        (), description="named LoRA classifiers; () = one 'hate' from lora_weights and threshold"
+    )
+    routing_field: str = Field("community", description="event field that picks the route")
+    routes: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict, description="community -> classifiers that score its events"
+    )
+    default_route: tuple[str, ...] | None = Field(
+        None, description="classifiers for unrouted events; None = every classifier"
+    )
+    spare_classifier_slots: int = Field(2, ge=0, description="adapter slots kept for new LoRAs")
+    control_topic: str | None = Field("moderation.control", description="live overrides; ''=none")
     max_text_chars: int = Field(DEFAULT_MAX_TEXT_CHARS, ge=1)
     max_event_depth: int = Field(
         DEFAULT_MAX_DEPTH, ge=2, le=200, description="deeper events are dead-lettered (too_deep)"
@@ -139,7 +177,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"{url!r} needs a scheme, e.g. kafka://host:9092")
         return value
 
-    @field_validator("input_topic", "verdict_topic", "dlq_topic", "app_id")
+    @field_validator("control_topic")
+    @classmethod
+    def _optional_topic(cls, value: str | None) -> str | None:
+        return (value or "").strip() or None
+
+    @field_validator("input_topic", "verdict_topic", "dlq_topic", "app_id", "routing_field")
     @classmethod
     def _non_empty(cls, value: str) -> str:
         if not value.strip():
@@ -163,6 +206,30 @@ class Settings(BaseSettings):
                 f"heartbeat_interval_s ({self.heartbeat_interval_s}) must be below "
                 f"session_timeout_s ({self.session_timeout_s})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _classifiers_and_routes(self) -> Settings:
+        names = [c.name for c in self.classifiers] or [DEFAULT_CLASSIFIER]
+        if len(set(names)) != len(names):
+            raise ValueError(f"classifier names must be unique, got {names}")
+        if self.classifiers and (self.threshold is not None or self.threshold_file is not None):
+            raise ValueError("threshold/threshold_file do not apply to [[classifiers]]; set theirs")
+        communities = [k for c in self.classifiers for k in c.community_thresholds]
+        for community in (*self.routes, *communities):
+            check_community(community)
+        given = {f"routes.{c}": r for c, r in self.routes.items()}
+        if self.default_route is not None:
+            given["default_route"] = self.default_route
+        for where, route in given.items():
+            unknown = [n for n in route if n not in names]
+            if not route or unknown or len(set(route)) != len(route):
+                raise ValueError(
+                    f"{where} must list distinct configured classifiers ({', '.join(names)}), "
+                    f"got {list(route)}"
+                )
+        if self.control_topic in (self.input_topic, self.verdict_topic, self.dlq_topic):
+            raise ValueError(f"control_topic {self.control_topic!r} is another worker topic")
         return self
 
     @model_validator(mode="after")

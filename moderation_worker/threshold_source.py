@@ -106,6 +106,7 @@ class ThresholdSource:
         settings = self._reload_settings() if self._reload_settings else self.settings
         in_force = threshold_for(settings, self.model)
         old, self.in_force = self.in_force, in_force
+        self.settings = settings  # the policy is rebuilt from the same reloaded settings
         log.info(
             "threshold reloaded",
             extra={

@@ -1,22 +1,30 @@
-"""Turning label probabilities into verdicts: the one place a threshold is applied.
+"""Turning scores into verdicts: the one place thresholds and modes are applied.
 
-The stream worker and the `score` command both call `make_verdicts`, so a verdict means the
-same thing wherever it is made. The threshold is passed in, not baked into the model, so a new
-threshold (restart or SIGHUP) needs no model reload.
+The stream worker and the `score` command both call `decide`, so a verdict means the same
+thing wherever it is made. Thresholds, modes and routes come from a `PolicyState` snapshot,
+not from the model, so a new threshold (control topic, SIGHUP or restart) needs no model
+reload, and one batch is decided under one state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
-from moderation_worker.events import Comment, ModelIdentity, SourcePosition, Verdict, utc_now
+from moderation_worker.events import (
+    ClassifierResult,
+    Comment,
+    ModelIdentity,
+    SourcePosition,
+    Verdict,
+)
+from moderation_worker.policy import ENFORCE, PolicyState
 
 
 class ProbabilityModel(Protocol):
-    """What the worker needs of a classifier: label probabilities for a list of texts.
+    """A single classifier: label probabilities for a list of texts.
 
     `predict_proba` returns float32 `[len(texts), len(labels)]`, rows summing to 1. Real
     implementations pad to a fixed `[batch_size, sequence_length]` shape internally.
@@ -30,41 +38,118 @@ class ProbabilityModel(Protocol):
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
-def positive_probability(model: ProbabilityModel, probs: np.ndarray) -> np.ndarray:
-    """Column of `probs` that belongs to the positive (hateful) label."""
-    return probs[:, model.labels.index(model.positive_label)]
+class RowModel(Protocol):
+    """What the worker needs of its classifiers: scores for (text, classifier) rows.
+
+    `predict_rows` returns float `[n, 2]`: p(not the positive label), p(positive label), each
+    row summing to 1; `n <= batch_size`, padded internally to the fixed shape.
+    """
+
+    batch_size: int
+    names: tuple[str, ...]
+
+    def predict_rows(self, texts: Sequence[str], names: Sequence[str]) -> np.ndarray: ...
+    def identity_of(self, name: str) -> ModelIdentity: ...
+    def labels_of(self, name: str) -> tuple[str, str]: ...
+    def canary_rows(self) -> list[tuple[str, str]]: ...
 
 
-def make_verdicts(
-    comments: Sequence[Comment],
-    probs: np.ndarray,
-    model: ProbabilityModel,
-    threshold: float,
-    sources: Sequence[SourcePosition | None] | None = None,
-) -> list[Verdict]:
-    """One verdict per comment: hateful when p(positive label) >= threshold."""
-    if len(comments) != len(probs):
-        raise ValueError(f"{len(comments)} comments but {len(probs)} probability rows")
-    if not np.all(np.isfinite(probs)):
-        raise ValueError("model returned non-finite probabilities")
-    p_pos = positive_probability(model, probs)
-    negative = next((lb for lb in model.labels if lb != model.positive_label), "")
-    now = utc_now()
-    sources = sources if sources is not None else [None] * len(comments)
-    out = []
-    for comment, p, source in zip(comments, p_pos, sources, strict=True):
-        hateful = bool(p >= threshold)
-        out.append(
-            Verdict(
-                id=comment.id,
-                p_hateful=float(p),
-                hateful=hateful,
-                label=model.positive_label if hateful else negative,
-                threshold=float(threshold),
-                model=model.identity,
-                scored_at=now,
-                source=source,
-                meta=comment.meta,
+class SingleClassifierRows:
+    """One `ProbabilityModel` as a `RowModel` with one classifier named `name`.
+
+    The negative column is the row's sum less p(positive), so a row that does not sum to 1
+    still fails the processor's check.
+    """
+
+    def __init__(self, model: ProbabilityModel, name: str = "hate") -> None:
+        self.model = model
+        self.name = name
+        self.names = (name,)
+        self.batch_size = model.batch_size
+        self._positive = model.labels.index(model.positive_label)
+        self.calibrated_threshold = getattr(model, "calibrated_threshold", None)
+
+    def predict_rows(self, texts: Sequence[str], names: Sequence[str]) -> np.ndarray:
+        unknown = set(names) - {self.name}
+        if unknown:
+            raise KeyError(f"no classifier named {sorted(unknown)[0]!r} (have {self.name!r})")
+        probs = np.asarray(self.model.predict_proba(list(texts)), dtype=np.float64)
+        expected = (len(texts), len(self.model.labels))
+        if probs.shape != expected:
+            raise ValueError(f"model returned shape {probs.shape}, expected {expected}")
+        p = probs[:, self._positive]
+        return np.stack([probs.sum(axis=1) - p, p], axis=1)
+
+    def identity_of(self, name: str) -> ModelIdentity:
+        return self.model.identity
+
+    def labels_of(self, name: str) -> tuple[str, str]:
+        negative = next((lb for lb in self.model.labels if lb != self.model.positive_label), "")
+        return negative, self.model.positive_label
+
+    def canary_rows(self) -> list[tuple[str, str]]:
+        provider = getattr(self.model, "canary_texts", None)
+        texts = list(provider()) if callable(provider) else []
+        return [(text, self.name) for text in texts or ["hello"]]
+
+
+def as_row_model(model: Any, name: str = "hate") -> RowModel:
+    """`model` itself when it scores rows (a `ClassifierSet`), else wrapped as one classifier."""
+    return model if hasattr(model, "predict_rows") else SingleClassifierRows(model, name)
+
+
+def decide(
+    comment: Comment,
+    scores: Mapping[str, float],
+    model: RowModel,
+    policy: PolicyState,
+    source: SourcePosition | None,
+    scored_at: str,
+) -> Verdict:
+    """One verdict from one comment's scores (classifier -> p(positive), in route order).
+
+    Each classifier flags when p >= its threshold for the comment's community; the comment is
+    `flagged` when an enforced one flags. Shadow results are reported and never decide.
+    """
+    if not scores:
+        raise ValueError(f"comment {comment.id!r} has no classifier scores")
+    community = policy.community(comment.meta)
+    results = []
+    for name, p in scores.items():
+        if not np.isfinite(p):
+            raise ValueError(f"classifier {name} returned a non-finite probability")
+        threshold = policy.threshold(name, community)
+        negative, positive = model.labels_of(name)
+        flagged = bool(p >= threshold.value)
+        results.append(
+            ClassifierResult(
+                name=name,
+                p=float(p),
+                flagged=flagged,
+                threshold=float(threshold.value),
+                threshold_source=threshold.source,
+                mode=policy.mode(name),
+                label=positive if flagged else negative,
+                model=model.identity_of(name),
             )
         )
-    return out
+    enforced = [r for r in results if r.mode == ENFORCE]
+    primary = (enforced or results)[0]
+    hateful = primary.flagged and primary.mode == ENFORCE
+    negative, positive = model.labels_of(primary.name)
+    return Verdict(
+        id=comment.id,
+        p_hateful=primary.p,
+        hateful=hateful,
+        label=positive if hateful else negative,
+        threshold=primary.threshold,
+        model=primary.model,
+        scored_at=scored_at,
+        source=source,
+        meta=comment.meta,
+        results=tuple(results),
+        flagged=any(r.flagged for r in enforced),
+        primary=primary.name,
+        community=community,
+        control_version=policy.version,
+    )

@@ -98,12 +98,17 @@ class TopicSet:
     input: str
     verdicts: str
     dlq: str
+    control: str = ""
 
     @classmethod
     def fresh(cls) -> TopicSet:
         tag = uuid.uuid4().hex[:8]
         return cls(
-            f"mw-{tag}", f"comments-{tag}", f"comments-{tag}.verdicts", f"comments-{tag}.dlq"
+            f"mw-{tag}",
+            f"comments-{tag}",
+            f"comments-{tag}.verdicts",
+            f"comments-{tag}.dlq",
+            f"moderation-{tag}.control",
         )
 
 
@@ -122,6 +127,7 @@ def worker_env(
         "MODERATION_INPUT_TOPIC": topics.input,
         "MODERATION_VERDICT_TOPIC": topics.verdicts,
         "MODERATION_DLQ_TOPIC": topics.dlq,
+        "MODERATION_CONTROL_TOPIC": topics.control,
         "MODERATION_INPUT_PARTITIONS": str(partitions),
         "MODERATION_BATCH_SIZE": "8",
         "MODERATION_MAX_WAIT_MS": "50",
@@ -146,7 +152,7 @@ def _worker_main() -> None:
     configured by `MODERATION_TEST_SCORER` (JSON keyword arguments)."""
     from adapters.moderation import Moderation
     from moderation_worker.settings import load_settings
-    from moderation_worker.tools.trivial_scorer import TrivialScorer
+    from moderation_worker.tools.trivial_scorer import TrivialClassifierSet, TrivialScorer
 
     spec = json.loads(os.environ.pop(SCORER_ENV, "{}") or "{}")
     disabled = os.environ.pop(DISABLE_CODECS_ENV, "")
@@ -156,7 +162,11 @@ def _worker_main() -> None:
         for codec in filter(None, (c.strip() for c in disabled.split(","))):
             setattr(aiokafka.codec, f"has_{codec}", lambda: False)
     settings = load_settings()
-    Moderation(settings, lambda: TrivialScorer(batch_size=settings.batch_size, **spec)).run()
+    if "classifiers" in spec:  # several keyword classifiers: routing, shadow, control topic
+        model = lambda: TrivialClassifierSet(batch_size=settings.batch_size, **spec)  # noqa: E731
+    else:
+        model = lambda: TrivialScorer(batch_size=settings.batch_size, **spec)  # noqa: E731
+    Moderation(settings, model).run()
 
 
 class WorkerProcess(worker_process.WorkerProcess):

@@ -15,12 +15,15 @@ from __future__ import annotations
 import io
 import random
 import sys
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 
 import keras
 
 from moderation_worker.model.classifier import AgileClassifier, LoadedModel
+from moderation_worker.model.classifier_set import ClassifierSet
+from moderation_worker.model.lora import LoraAdapter
 from moderation_worker.model.prompts import DEFAULT_LABELS
 from moderation_worker.model.tokenizer import SentencePieceTokenizer
 
@@ -153,9 +156,15 @@ SHIPPED_LORA = {
 }
 
 
-def shipped_lora(spec: str) -> Path | None:
-    """The LoRA weights shipped in the package for a model source, if any."""
+#: Classifiers shipped for Gemma 3 270M besides the hate one: `shipped:<name>` in settings.
+SHIPPED_CLASSIFIERS = ("violence", "directed")
+
+
+def shipped_lora(spec: str, classifier: str | None = None) -> Path | None:
+    """The LoRA weights shipped in the package for a model source (and classifier), if any."""
     path = SHIPPED_LORA.get(spec.strip())
+    if path is not None and classifier not in (None, "hate"):
+        path = path.with_name(path.name.replace(".lora.h5", f"-{classifier}.lora.h5"))
     return path if path is not None and path.is_file() else None
 
 
@@ -163,6 +172,15 @@ def resolve_lora(spec: str, lora_weights: str | Path | None) -> Path | None:
     """`default` -> the shipped weights for this model (or none), `none` -> zero-shot."""
     if lora_weights is None or str(lora_weights).lower() in ("none", ""):
         return None
+    if str(lora_weights).startswith("shipped:"):
+        name = str(lora_weights).split(":", 1)[1]
+        path = shipped_lora(spec, name)
+        if path is None:
+            raise FileNotFoundError(
+                f"no shipped {name!r} classifier for model {spec!r} (shipped: hate, "
+                f"{', '.join(SHIPPED_CLASSIFIERS)})"
+            )
+        return path
     if str(lora_weights) == "default":
         path = shipped_lora(spec)
         if path is None:
@@ -193,4 +211,28 @@ def build_classifier(
         threshold=threshold,
         batch_size=batch_size,
         length_buckets=length_buckets,
+    )
+
+
+def build_classifier_set(
+    model: str = "gemma3-270m",
+    classifiers: Mapping[str, str | Path | None] | None = None,
+    batch_size: int = 8,
+    dtype: str | None = None,
+    length_buckets: tuple[int, ...] | None = None,
+    spare_slots: int = 2,
+) -> ClassifierSet:
+    """One base model + named LoRA weights (`"default"`: the shipped hate adapter; None or
+    `"none"`: zero-shot) -> a `ClassifierSet` that scores rows of any of them in one pass."""
+    base = load_model_source(model, dtype)
+    adapters: dict[str, LoraAdapter | None] = {}
+    for name, weights in (classifiers or {"hate": "default"}).items():
+        path = resolve_lora(model, weights)
+        adapters[name] = LoraAdapter.load(path, base_model=base.name) if path else None
+    return ClassifierSet(
+        base,
+        adapters,
+        batch_size=batch_size,
+        length_buckets=length_buckets,
+        spare_slots=spare_slots,
     )

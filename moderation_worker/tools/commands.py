@@ -53,13 +53,15 @@ def _print_json(obj: Any) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from moderation_worker.model.sources import load_model_source
     from moderation_worker.model.training import TrainingConfig, train_classifier
-    from moderation_worker.tools.data import load_splits
+    from moderation_worker.tools.data import balanced_subset, load_splits
     from moderation_worker.tools.evaluation import evaluate
 
     splits = load_splits(args.data, args.validation_rows, args.seed)
     train = (
         splits.train if args.train_rows is None else splits.train.take(slice(0, args.train_rows))
     )
+    if args.negatives_per_positive is not None:
+        train = balanced_subset(train, args.negatives_per_positive, args.seed)
     print(
         f"data: {len(train)} train / {len(splits.validation)} validation / {len(splits.test)} "
         f"test rows from {args.data} (sha256 {(train.sha256 or '')[:12]})",
@@ -95,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         policy=args.policy,
         out=args.out,
         data_sha256=train.sha256,
-        notes={"data": str(args.data)},
+        notes={"data": str(args.data), "negatives_per_positive": args.negatives_per_positive},
         validation_report=report,
         batch_size=args.batch_size,
         progress=True,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import re
 import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -110,6 +111,81 @@ def load_ethos(path_or_url: str | Path = ETHOS_URL) -> LabelledTexts:
     score = np.asarray(scores)
     labels = (score >= np.median(score)).astype(np.int64)
     return LabelledTexts(tuple(texts), labels, str(path_or_url), hashlib.sha256(raw).hexdigest())
+
+
+#: The ETHOS multi-label file's categories; `directed` is short for `directed_vs_generalized`.
+ETHOS_CATEGORIES = (
+    "violence",
+    "directed_vs_generalized",
+    "gender",
+    "race",
+    "national_origin",
+    "disability",
+    "religion",
+    "sexual_orientation",
+)
+ETHOS_CATEGORY_ALIASES = {"directed": "directed_vs_generalized"}
+
+
+def _comparable(text: str) -> str:
+    """Letters and digits only, lower-cased: the two ETHOS files differ in spaces and quotes."""
+    return re.sub(r"\W+", "", text.lower())
+
+
+def load_ethos_category(multi_path: str | Path, category: str) -> LabelledTexts:
+    """One ETHOS multi-label category as a binary task over the *binary* file, in its order.
+
+    The multi-label file holds only the hateful comments; the binary file's other comments are
+    negatives for every category. A comment is positive when its category score is >= 0.5.
+    The binary file (`Ethos_Dataset_Binary.csv`) must sit beside the multi-label one. Keeping
+    the binary file's order means `ethos_splits` gives every classifier the same test comments
+    as the hate classifier, so no classifier of the platform was tuned on another's test rows.
+    """
+    category = ETHOS_CATEGORY_ALIASES.get(category, category)
+    if category not in ETHOS_CATEGORIES:
+        raise DataError(
+            f"unknown ETHOS category {category!r}; one of {', '.join(ETHOS_CATEGORIES)}"
+        )
+    multi_path = Path(multi_path)
+    binary = load_ethos(multi_path.with_name("Ethos_Dataset_Binary.csv"))
+    raw = _read_bytes(multi_path)
+    reader = csv.DictReader(io.StringIO(raw.decode("utf-8")), delimiter=";")
+    if reader.fieldnames is None or category not in reader.fieldnames:
+        raise DataError(f"{multi_path}: no column {category!r} (header {reader.fieldnames})")
+    scores: dict[str, float] = {}
+    for row_no, row in enumerate(reader, start=2):
+        try:
+            scores[_comparable(row["comment"])] = float(row[category])
+        except (TypeError, ValueError):
+            raise DataError(f"{multi_path} row {row_no}: {category} is not a number") from None
+    labels = np.zeros(len(binary), dtype=np.int64)
+    matched = 0
+    for i, (text, hateful) in enumerate(zip(binary.texts, binary.labels, strict=True)):
+        score = scores.get(_comparable(text))
+        if score is not None and hateful:
+            labels[i] = int(score >= 0.5)
+            matched += 1
+    if matched != len(scores):
+        raise DataError(
+            f"{multi_path}: {len(scores) - matched} of {len(scores)} comments are not hateful "
+            "comments of the binary file beside it"
+        )
+    digest = hashlib.sha256(raw + bytes.fromhex(binary.sha256 or "")).hexdigest()
+    return LabelledTexts(binary.texts, labels, f"{multi_path}#{category}", digest)
+
+
+def balanced_subset(data: LabelledTexts, negatives_per_positive: float, seed: int) -> LabelledTexts:
+    """Every positive and at most `negatives_per_positive` times as many negatives, shuffled.
+
+    A rare category (14 % positives) trains on more positives per step this way; the threshold
+    is calibrated afterwards on the untouched validation split, which restores the real base rate.
+    """
+    rng = np.random.default_rng(seed)
+    pos = np.flatnonzero(data.labels == 1)
+    neg = np.flatnonzero(data.labels == 0)
+    keep = min(len(neg), int(round(negatives_per_positive * len(pos))))
+    chosen = np.concatenate([pos, rng.choice(neg, size=keep, replace=False)])
+    return data.take(rng.permutation(chosen))
 
 
 def pandas_shuffle_order(n: int, seed: int) -> np.ndarray:
@@ -249,6 +325,13 @@ def stratified_split(
 def load_splits(source: str | Path, validation_rows: int = 100, seed: int = 0) -> Splits:
     """ETHOS (`ethos`, `ethos:PATH` or a file named like ETHOS) or a user's labelled file."""
     text = str(source)
+    if text.startswith("ethos-multi:"):
+        category, _, path = text.split(":", 1)[1].partition(":")
+        if not path:
+            raise DataError(
+                "ethos-multi needs a file: 'ethos-multi:CATEGORY:PATH_TO_MULTI_LABEL_CSV'"
+            )
+        return ethos_splits(load_ethos_category(path, category), validation_rows)
     if text == "ethos":
         return ethos_splits(load_ethos(), validation_rows)
     if text.startswith("ethos:"):

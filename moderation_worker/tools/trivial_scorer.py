@@ -96,3 +96,60 @@ class TrivialScorer:
             raise PoisonedText(f"text contains the poison marker {self.poison_marker!r}")
         p = np.array([self.p_hateful(t) for t in texts], dtype=np.float32)
         return np.stack([1.0 - p, p], axis=1)
+
+
+#: Keyword classifiers of `TrivialClassifierSet` by default: hate, plus violence and spam.
+DEFAULT_CLASSIFIERS = {
+    "hate": DEFAULT_KEYWORDS,
+    "violence": ("kill", "die", "break your", "shoot", "burn"),
+    "spam": ("buy now", "free money", "click here"),
+}
+
+
+class TrivialClassifierSet:
+    """Several keyword classifiers as one `RowModel`: the multi-classifier worker, no network.
+
+    Each row is scored by its own classifier's keywords in the same call, as `ClassifierSet`
+    scores each row with its own adapter; broker tests use it to check routing, per-classifier
+    thresholds, shadow mode and the control topic quickly.
+
+    Args:
+        classifiers: name -> keywords (default `DEFAULT_CLASSIFIERS`).
+        batch_size: rows per call; calls with another row count are rejected.
+        delay_s: seconds each call sleeps, to imitate model latency.
+    """
+
+    def __init__(
+        self,
+        classifiers: dict[str, Iterable[str]] | None = None,
+        batch_size: int = 8,
+        delay_s: float = 0.0,
+    ) -> None:
+        spec = classifiers or DEFAULT_CLASSIFIERS
+        self.members = {n: TrivialScorer(batch_size, keywords=k) for n, k in spec.items()}
+        self.names = tuple(self.members)
+        self.batch_size = batch_size
+        self.delay_s = delay_s
+        self.calls = 0
+
+    def predict_rows(self, texts: Sequence[str], names: Sequence[str]) -> np.ndarray:
+        self.calls += 1
+        if len(texts) != self.batch_size or len(names) != self.batch_size:
+            raise ValueError(f"expected {self.batch_size} rows, got {len(texts)}")
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        rows = zip(texts, names, strict=True)
+        p = np.array([self.members[n].p_hateful(t) for t, n in rows], np.float32)
+        return np.stack([1.0 - p, p], axis=1)
+
+    def identity_of(self, name: str) -> ModelIdentity:
+        return ModelIdentity(base_model="trivial-keyword-scorer", lora_sha256=None)
+
+    def labels_of(self, name: str) -> tuple[str, str]:
+        return ("ok", name)
+
+    def canary_rows(self) -> list[tuple[str, str]]:
+        return [("hello", self.names[0])]
+
+    def calibrated_thresholds(self) -> dict[str, float | None]:
+        return dict.fromkeys(self.names)

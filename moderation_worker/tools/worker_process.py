@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -65,8 +66,11 @@ def worker_environment(settings: Settings, base: Mapping[str, str] | None = None
     """
     base = os.environ if base is None else base
     env = {k: v for k, v in base.items() if not k.startswith("MODERATION_")}
+    as_json = settings.model_dump(mode="json")
     for name, value in settings.public_dict().items():
-        if value is not None:
+        if isinstance(value, (list, tuple, dict)):  # pydantic-settings reads these as JSON
+            env[f"MODERATION_{name.upper()}"] = json.dumps(as_json[name])
+        elif value is not None:
             env[f"MODERATION_{name.upper()}"] = str(value)
     if settings.sasl_password is not None:  # masked in public_dict; the child needs the value
         env["MODERATION_SASL_PASSWORD"] = settings.sasl_password.get_secret_value()

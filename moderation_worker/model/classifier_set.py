@@ -1,0 +1,230 @@
+"""`ClassifierSet`: several agile classifiers on one base model, scored in one pass per batch.
+
+Each classifier is a LoRA adapter (or none: zero-shot) with its own prompt and label tokens.
+A batch holds rows of any classifiers; every row is encoded with its classifier's prompt, runs
+through the shared backbone with its own adapter (`multi_lora`), and is read at its own label
+tokens. So the backbone's weights are in memory once, a batch has one fixed shape whatever its
+mix, and adding a classifier adds its factors to the stack, not a model or a graph.
+
+Example:
+    >>> base = load_model_source("gemma3-270m")
+    >>> rules = ClassifierSet(base, {"hate": hate, "violence": violence}, batch_size=8)
+    >>> rules.p_positive(["you people are vermin", "nice goal"], ["hate", "violence"])
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from moderation_worker.events import ModelIdentity
+from moderation_worker.model.classifier import LoadedModel, _text_in_bucket
+from moderation_worker.model.lora import DEFAULT_TARGET_LAYERS, LoraAdapter
+from moderation_worker.model.multi_lora import AdapterStack, MultiLoraModel
+from moderation_worker.model.prompts import EncodedBatch, PromptEncoder, PromptSettings
+
+
+@dataclass(frozen=True)
+class Member:
+    """One classifier of a set: its stack slot, prompt, label columns and identity."""
+
+    name: str
+    slot: int
+    adapter: LoraAdapter | None
+    encoder: PromptEncoder
+    columns: tuple[int, ...]  # its labels' positions in the set's label-token union
+    identity: ModelIdentity
+
+    @property
+    def prompt(self) -> PromptSettings:
+        return self.encoder.settings
+
+    @property
+    def calibrated_threshold(self) -> float | None:
+        return self.adapter.metadata.threshold if self.adapter is not None else None
+
+
+class ClassifierSet:
+    """Named classifiers sharing one backbone; rows of any mix scored in one call per batch.
+
+    Args:
+        model: the base model; its backbone's weights are shared by every classifier.
+        adapters: name -> `LoraAdapter` (its prompt comes from its metadata), or None for a
+            zero-shot classifier with `prompt`.
+        batch_size: rows per model call; every call has exactly this shape.
+        jit_compile: XLA-compile the forward pass (see `AgileClassifier`).
+        length_buckets: shorter sequence lengths a batch may be cut to (exact).
+        spare_slots: room for classifiers added later (`add`) without a new stack.
+        prompt: the prompt of zero-shot classifiers.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        adapters: Mapping[str, LoraAdapter | None],
+        batch_size: int = 8,
+        jit_compile: bool | str = True,
+        length_buckets: Sequence[int] | None = None,
+        spare_slots: int = 2,
+        prompt: PromptSettings | None = None,
+    ) -> None:
+        if not adapters:
+            raise ValueError("a classifier set needs at least one classifier")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.base = model
+        self.batch_size = batch_size
+        self.jit_compile = jit_compile
+        self._zero_shot_prompt = prompt or PromptSettings()
+        given = [a for a in adapters.values() if a is not None]
+        for adapter in given:
+            adapter.check_base_model(model.name)
+        targets = sorted({t for a in given for t in a.target_layers} or DEFAULT_TARGET_LAYERS)
+        rank = max((a.rank for a in given), default=1)
+        self.stack = AdapterStack(
+            model.backbone, len(adapters) + 1 + spare_slots, rank, tuple(targets)
+        )
+        self.members: dict[str, Member] = {}
+        self.label_ids: list[int] = []
+        self._model: MultiLoraModel | None = None
+        first = next(iter(adapters.values()))
+        length = (
+            first.metadata.prompt.sequence_length
+            if first
+            else self._zero_shot_prompt.sequence_length
+        )
+        self.sequence_length = length
+        for name, adapter in adapters.items():
+            self.add(name, adapter)
+        self.length_buckets = tuple(sorted({int(b) for b in (length_buckets or ()) if b < length}))
+        self.length_buckets += (length,)
+
+    # ------------------------------------------------------------------ membership
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.members)
+
+    def add(self, name: str, adapter: LoraAdapter | None) -> Member:
+        """Add (or replace) a classifier while the set serves: its factors go into a free
+        slot (or its old one). New label tokens mean one new compiled graph per shape."""
+        old = self.members.get(name)
+        used = {m.slot for m in self.members.values() if m.name != name}
+        slot = (
+            old.slot
+            if old is not None
+            else next((s for s in range(1, self.stack.capacity) if s not in used), None)
+        )
+        if slot is None:
+            raise ValueError(
+                f"no free adapter slot for {name!r} (capacity {self.stack.capacity - 1}); "
+                "raise spare_classifier_slots and restart"
+            )
+        if adapter is not None:
+            adapter.check_base_model(self.base.name)
+        prompt = adapter.metadata.prompt if adapter is not None else self._zero_shot_prompt
+        if prompt.sequence_length != self.sequence_length:
+            raise ValueError(
+                f"{name}: sequence_length {prompt.sequence_length} differs from the set's "
+                f"{self.sequence_length}; classifiers of one set share the batch shape"
+            )
+        encoder = PromptEncoder(self.base.tokenizer, prompt)  # checks single-token labels
+        new_ids = [i for i in encoder.label_ids if i not in self.label_ids]
+        if new_ids or self._model is None:
+            self.label_ids.extend(new_ids)
+            self._model = MultiLoraModel(self.base.backbone, self.stack, self.label_ids)
+            self._model.compile(jit_compile=self.jit_compile)
+        self.stack.put(slot, adapter)  # None writes zeros: a zero-shot row
+        columns = tuple(self.label_ids.index(i) for i in encoder.label_ids)
+        identity = ModelIdentity(
+            base_model=self.base.name, lora_sha256=adapter.sha256 if adapter else None
+        )
+        member = Member(name, slot, adapter, encoder, columns, identity)
+        self.members[name] = member
+        return member
+
+    # ------------------------------------------------------------------ scoring
+    def encode(self, texts: Sequence[str], names: Sequence[str]) -> tuple[EncodedBatch, np.ndarray]:
+        """Rows padded to `batch_size`, each with its own classifier's prompt, and each row's
+        adapter slot (padding rows: slot 0, the identity)."""
+        n = len(texts)
+        if n != len(names) or n > self.batch_size:
+            raise ValueError(f"{n} texts, {len(names)} names, batch size {self.batch_size}")
+        first = next(iter(self.members.values())).encoder
+        batch = first.encode([], batch_size=self.batch_size)  # BOS-only padding rows
+        slots = np.zeros((self.batch_size,), dtype=np.int32)
+        for name in dict.fromkeys(names):
+            member = self._member(name)
+            rows = [i for i, row_name in enumerate(names) if row_name == name]
+            part = member.encoder.encode([texts[i] for i in rows])
+            batch.token_ids[rows] = part.token_ids
+            batch.padding_mask[rows] = part.padding_mask
+            batch.last_index[rows] = part.last_index
+            batch.truncated[rows] = part.truncated
+            slots[rows] = member.slot
+        return batch, slots
+
+    def _member(self, name: str) -> Member:
+        member = self.members.get(name)
+        if member is None:
+            raise KeyError(f"no classifier named {name!r} (have {', '.join(self.members)})")
+        return member
+
+    def predict_rows(self, texts: Sequence[str], names: Sequence[str]) -> np.ndarray:
+        """`[p(not positive), p(positive)]` per row, float32 `[n, 2]`; n <= batch_size."""
+        batch, slots = self.encode(texts, names)
+        if len(self.length_buckets) > 1:
+            batch = batch.cut_to(self.length_buckets)
+        inputs = {**batch.as_inputs(), "adapter_index": slots}
+        logits = np.asarray(self._model.predict_on_batch(inputs), dtype=np.float64)
+        out = np.zeros((len(texts), 2), dtype=np.float32)
+        for i, name in enumerate(names):
+            member = self.members[name]
+            z = logits[i, list(member.columns)]
+            z = np.exp(z - z.max())
+            p = z[member.prompt.positive_index] / z.sum()
+            out[i] = (1.0 - p, p)
+        return out
+
+    def p_positive(
+        self, texts: Sequence[str], names: Sequence[str], progress: bool = False
+    ) -> np.ndarray:
+        """p(positive label) for each (text, classifier) row, any number of rows."""
+        out = np.zeros((len(texts),), dtype=np.float32)
+        starts = range(0, len(texts), self.batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc="scoring", unit="batch", file=sys.stderr)
+        for start in starts:
+            end = start + self.batch_size
+            out[start:end] = self.predict_rows(texts[start:end], names[start:end])[:, 1]
+        return out
+
+    def identity_of(self, name: str) -> ModelIdentity:
+        return self._member(name).identity
+
+    def labels_of(self, name: str) -> tuple[str, str]:
+        """(a negative label, the positive label) of one classifier, for verdict labels."""
+        prompt = self._member(name).prompt
+        return next(
+            lb for lb in prompt.labels if lb != prompt.positive_label
+        ), prompt.positive_label
+
+    def calibrated_thresholds(self) -> dict[str, float | None]:
+        """Each classifier's threshold calibrated into its LoRA metadata (the policy's fallback)."""
+        return {name: m.calibrated_threshold for name, m in self.members.items()}
+
+    def canary_rows(self) -> list[tuple[str, str]]:
+        """One harmless (text, classifier) row per compiled shape, shortest first."""
+        first = next(iter(self.members.values()))
+        rows: list[tuple[str, str]] = []
+        lower = 0
+        for bucket in self.length_buckets:
+            text = _text_in_bucket(first.encoder, lower, bucket)
+            if text is not None:
+                rows.append((text, first.name))
+            lower = bucket
+        return rows or [("hello", first.name)]
