@@ -152,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-sizes", default=None, help="comma-separated, default 1,8,32,64")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (median reported)")
-    p.add_argument("--sections", default=None, help="subset of scoring,tuning,threads,pipeline")
+    p.add_argument(
+        "--sections", default=None, help="subset of scoring,tuning,threads,pipeline,policies"
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
 
@@ -168,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="inject an invalid-JSON and an empty-text event, to show the dead-letter topic",
+    )
+    p.add_argument(
+        "--live-change",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="halfway through, publish a threshold change (hate, gaming) to the control topic",
     )
     p.add_argument("--broker", default=None, help="a real broker URL instead of embedded Tansu")
     p.add_argument("--out", default="runs/demo/verdicts.jsonl", help="verdicts JSONL to write")

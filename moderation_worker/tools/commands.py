@@ -262,11 +262,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from adapters.delivery_guard import DeliveryConfigError
     from adapters.moderation import Moderation
     from moderation_worker.model.prompts import PromptSettings
-    from moderation_worker.model.sources import build_classifier
+    from moderation_worker.model.sources import build_classifier, build_classifier_set
 
     settings = _settings(args)
 
     def factory():
+        if settings.classifiers:  # several classifiers on one base model, per-row LoRA
+            return build_classifier_set(
+                settings.model,
+                {c.name: c.lora for c in settings.classifiers},
+                batch_size=settings.batch_size,
+                length_buckets=settings.length_buckets,
+                spare_slots=settings.spare_classifier_slots,
+            )
         # LoRA metadata carries its own prompt; sequence_length applies to zero-shot models.
         prompt = None
         if settings.sequence_length != PromptSettings().sequence_length:
@@ -337,7 +345,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     """Embedded broker + the real worker + sample stream + summary table (tools/demo/)."""
-    from moderation_worker.tools.demo import DemoConfig, run_demo_command
+    from moderation_worker.tools.demo import DemoConfig, LiveChange, run_demo_command
 
     config = DemoConfig(
         input_file=Path(args.input) if args.input else None,
@@ -345,6 +353,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         limit=args.limit,
         rate=args.rate,
         with_bad_events=args.with_bad_events,
+        live_change=LiveChange() if args.live_change else None,
         broker=args.broker,
         model=args.model,
         lora=None if str(args.lora).lower() == "none" else args.lora,

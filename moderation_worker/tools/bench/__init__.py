@@ -13,6 +13,9 @@ One run, one model, one table (BENCHMARKS.md; a `--quick` run writes a temporary
    share of work a cached shared prompt prefix would save.
 3. The stream pipeline (broker, Faust, codecs, batching) with a trivial and the real scorer,
    through the adapters' `measure_pipeline`, when the caller provides it.
+4. Several classifiers on one backbone: per-row LoRA (`ClassifierSet`) against swap-and-rerun
+   (`AgileClassifier`s sharing the LoRA slot) with 1, 2 and 4 classifiers and mixed traffic,
+   and the memory an extra classifier costs.
 
 The report names the accelerator and Keras backend the run actually used (`detect_accelerator`).
 The core knows nothing of the edges: the caller (`cli.cmd_bench`) passes the model loader and
@@ -26,6 +29,7 @@ The parts, by role:
     prefix_cache  the shared-prefix KV cache prototype
     tuning        XLA, dtype, prefix cache, length buckets, thread pools (`run_child`)
     pipeline      broker + Faust + codecs + batching, trivial vs real scorer
+    policies      1, 2, 4 classifiers: per-row LoRA vs swap-and-rerun, memory per classifier
     machine       CPU, accelerator, backend, versions, competing load
     report        `BenchReport` and its markdown
     runner        `run_bench`
@@ -64,6 +68,12 @@ from moderation_worker.tools.bench.pipeline import (
     pipeline_summary,
     scale_note,
 )
+from moderation_worker.tools.bench.policies import (
+    PolicyReport,
+    PolicyRow,
+    measure_policies,
+    policies_section,
+)
 from moderation_worker.tools.bench.prefix_cache import PrefixCachedLabelModel, PrefixCachedScorer
 from moderation_worker.tools.bench.report import BenchReport, flop_section, render, worker_defaults
 from moderation_worker.tools.bench.runner import run_bench
@@ -100,6 +110,8 @@ __all__ = [
     "ModelLoader",
     "OtherCpu",
     "PipelineRow",
+    "PolicyReport",
+    "PolicyRow",
     "PrefixCachedLabelModel",
     "PrefixCachedScorer",
     "TuningRow",
@@ -113,11 +125,13 @@ __all__ = [
     "machine_info",
     "matmul_peak",
     "measure_pipelines",
+    "measure_policies",
     "measure_scoring",
     "measure_threads",
     "measure_tuning",
     "memory_available_bytes",
     "pipeline_summary",
+    "policies_section",
     "quick_out_path",
     "render",
     "run_bench",

@@ -18,7 +18,7 @@ from moderation_worker.model.classifier import LoadedModel
 from moderation_worker.tools.data import FILLER_WORDS
 
 ETHOS_CSV = Path("/work/shared/data/ethos/Ethos_Dataset_Binary.csv")
-SECTIONS = ("scoring", "tuning", "threads", "pipeline")
+SECTIONS = ("scoring", "tuning", "threads", "pipeline", "policies")
 LENGTH_BUCKETS = (32, 64, 96)
 
 ModelLoader = Callable[..., LoadedModel]

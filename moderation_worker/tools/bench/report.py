@@ -13,6 +13,7 @@ from moderation_worker.tools.bench.flops import FlopCount
 from moderation_worker.tools.bench.machine import load_average
 from moderation_worker.tools.bench.options import BenchOptions
 from moderation_worker.tools.bench.pipeline import PipelineRow, scale_note
+from moderation_worker.tools.bench.policies import PolicyReport, policies_section
 from moderation_worker.tools.bench.scoring import Measurement
 from moderation_worker.tools.bench.tuning import TuningRow
 
@@ -54,6 +55,7 @@ class BenchReport:
     threads: list[TuningRow] = field(default_factory=list)
     pipeline: list[PipelineRow] = field(default_factory=list)
     pipeline_note: str = ""
+    policies: PolicyReport | None = None
     seconds: float = 0.0
 
 
@@ -158,6 +160,9 @@ def render(report: BenchReport) -> str:
                 f"{f.sequence_length} tokens (upper bound of the row above) |"
             )
         lines.append("")
+
+    if report.policies is not None:
+        lines += policies_section(report.policies, f, peak)
 
     lines += ["## 2./3. Pipeline: broker + Faust + codecs + batching", ""]
     lines += [

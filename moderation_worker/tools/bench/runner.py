@@ -17,6 +17,7 @@ from moderation_worker.tools.bench.machine import (
 )
 from moderation_worker.tools.bench.options import BenchEdges, BenchOptions, bench_texts, log
 from moderation_worker.tools.bench.pipeline import measure_pipelines, pipeline_summary
+from moderation_worker.tools.bench.policies import PolicyReport, measure_policies
 from moderation_worker.tools.bench.report import BenchReport, render
 from moderation_worker.tools.bench.scoring import measure_scoring
 from moderation_worker.tools.bench.tuning import TuningRow, measure_threads, measure_tuning
@@ -105,6 +106,14 @@ def run_bench(options: BenchOptions, edges: BenchEdges) -> BenchReport:
             except Exception as exc:  # keep the other sections' numbers
                 log(f"pipeline failed: {exc!r}")
                 report.pipeline_note = f"Pipeline run failed: `{exc!r}`"[:400]
+        save()
+    if "policies" in options.sections:  # last: it enables LoRA on the shared backbone
+        report.policies = PolicyReport()
+        try:
+            measure_policies(model, options, texts, report.policies)
+        except Exception as exc:  # keep the other sections' numbers
+            log(f"policies failed: {exc!r}")
+            report.policies.note = f"Policies run failed: `{exc!r}`"[:400]
         save()
     others.stop()
     save()
