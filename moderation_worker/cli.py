@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_control_parser(sub: argparse._SubParsersAction) -> None:
-    """`control show | set-threshold | set-mode | set-route | clear`: the fleet's live policy."""
+    """`control show | set-threshold | set-mode | set-route | set-adapter | clear`: live policy."""
     group = sub.add_parser("control", help="show or change thresholds, modes, routes live")
     commands = group.add_subparsers(dest="control_command", required=True)
 
@@ -210,6 +210,10 @@ def _add_control_parser(sub: argparse._SubParsersAction) -> None:
     p = command("set-route", control.cmd_control_set_route, "classifiers of a community")
     p.add_argument("community", help="a community, or '*' for events without a route")
     p.add_argument("classifiers", help="comma-separated, e.g. hate,violence")
+    p = command("set-adapter", control.cmd_control_set_adapter, "new weights for a classifier")
+    p.add_argument("classifier")
+    p.add_argument("lora", help="a .lora.h5 path every worker can read, or shipped:<name>")
+    p.add_argument("--sha256", default=None, help="the file's sha256 (default: computed here)")
     p = command("clear", control.cmd_control_clear, "remove an override (tombstone)", False)
     p.add_argument("key", help="e.g. threshold/hate/gaming, mode/violence, route/*")
 

@@ -12,6 +12,8 @@ removed, the configured value is back, and compaction forgets the key).
     mode/<classifier>                    {"mode": "shadow"}    or "enforce"
     route/<community>                    {"classifiers": ["hate", "violence"]}
     route/*                              {"classifiers": ["hate"]}   events without a route
+    adapter/<classifier>                 {"lora": "/models/v2.lora.h5", "sha256": "…"}  new
+                                         weights, loaded at a batch boundary (sha256 checked)
 
 A value may also carry "by", "reason" and "at" (ISO 8601), the audit trail in `to_dict()`.
 Anything else is rejected (`ControlRecordError`, state unchanged), so a typo never silently does
@@ -45,8 +47,10 @@ MODES = (ENFORCE, SHADOW)
 DEFAULT_ROUTE_KEY = "*"
 MAX_VALUE_BYTES = 64 * 1024
 _AUDIT = {"by": 256, "reason": 2048, "at": 64}  # optional fields -> longest value
-_FIELD = {"threshold": "threshold", "mode": "mode", "route": "classifiers"}  # key kind -> field
-_PARTS = {"threshold": (1, 2), "mode": (1,), "route": (1,)}  # names after the kind
+_FIELD = {"threshold": "threshold", "mode": "mode", "route": "classifiers", "adapter": "lora"}
+_PARTS = {"threshold": (1, 2), "mode": (1,), "route": (1,), "adapter": (1,)}  # names after kind
+_EXTRA = {"adapter": {"sha256"}}  # optional fields besides the main one and the audit trail
+MAX_LORA_SPEC_CHARS = 4096
 
 
 class ControlRecordError(ValueError):
@@ -82,11 +86,13 @@ class PolicyState:
     routing_field: str = "community"
     control_thresholds: Mapping[tuple[str, str | None], float] = field(default_factory=dict)
     control_modes: Mapping[str, str] = field(default_factory=dict)
+    control_adapters: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     version: int | None = None
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # key -> audit
 
     def __post_init__(self) -> None:
-        for name in ("classifiers", "routes", "control_thresholds", "control_modes", "overrides"):
+        for name in ("classifiers", "routes", "control_thresholds", "control_modes",
+                     "control_adapters", "overrides"):  # fmt: skip
             object.__setattr__(self, name, _frozen(getattr(self, name)))
 
     def community(self, meta: Mapping[str, Any] | None) -> str | None:
@@ -130,6 +136,7 @@ class PolicyState:
             classifiers[name] = {
                 "mode": self.mode(name),
                 "mode_source": "control" if name in self.control_modes else "setting",
+                "adapter_override": dict(self.control_adapters.get(name) or {}) or None,
                 "threshold": self.threshold(name).to_dict(),
                 "community_thresholds": {c: self.threshold(name, c).to_dict() for c in communities},
             }
@@ -193,7 +200,7 @@ def parse_key(key: str) -> tuple[str, tuple[str, ...]]:
     if len(parts) not in _PARTS.get(kind, ()):
         raise ControlRecordError(
             f"unknown control key {key[:200]!r}: want threshold/<classifier>[/<community>], "
-            "mode/<classifier> or route/<community>"
+            "mode/<classifier>, route/<community> or adapter/<classifier>"
         )
     communities = {"threshold": parts[1:], "route": parts}.get(kind, ())
     for community in communities:
@@ -220,11 +227,11 @@ def validate_record(state: PolicyState, key: str, value: Mapping[str, Any] | Non
     main, known = _FIELD[kind], list(state.classifiers)
     if not isinstance(value, Mapping) or main not in value:
         raise ControlRecordError(f"{key}: the value must be a JSON object with {main!r}, or null")
-    unknown = sorted(set(value) - {main, *_AUDIT})
+    extra = _EXTRA.get(kind, set())
+    unknown = sorted(set(value) - {main, *extra, *_AUDIT})
     if unknown:
-        raise ControlRecordError(
-            f"{key}: unknown field(s) {unknown}; allowed: {main}, by, reason, at"
-        )
+        allowed = ", ".join([main, *sorted(extra), *_AUDIT])
+        raise ControlRecordError(f"{key}: unknown field(s) {unknown}; allowed: {allowed}")
     for name, longest in _AUDIT.items():
         text = value.get(name, "")
         bad_time = name == "at" and isinstance(text, str) and text and not _iso_time(text)
@@ -238,6 +245,14 @@ def validate_record(state: PolicyState, key: str, value: Mapping[str, Any] | Non
         number = isinstance(given, (int, float)) and not isinstance(given, bool)
         if not (number and math.isfinite(given) and 0.0 <= given <= 1.0):
             raise ControlRecordError(f"{key}: threshold must be a number in [0, 1], got {given!r}")
+    elif kind == "adapter":
+        if not isinstance(given, str) or not 0 < len(given) <= MAX_LORA_SPEC_CHARS:
+            raise ControlRecordError(f"{key}: lora must be a weights path or 'shipped:<name>'")
+        digest = value.get("sha256")
+        if digest is not None and not (
+            isinstance(digest, str) and len(digest) == 64 and set(digest) <= set("0123456789abcdef")
+        ):
+            raise ControlRecordError(f"{key}: sha256 must be 64 lower-case hex digits")
     elif kind == "mode" and given not in MODES:
         raise ControlRecordError(f"{key}: mode must be one of {list(MODES)}, got {given!r}")
     elif kind == "route":
@@ -292,6 +307,13 @@ def record_for_route(
     return _record(_key("route", community), {"classifiers": list(classifiers)}, by, reason)
 
 
+def record_for_adapter(
+    classifier: str, lora: str, sha256: Note = None, by: Note = None, reason: Note = None
+) -> Record:
+    value = {"lora": lora, **({"sha256": sha256} if sha256 else {})}
+    return _record(_key("adapter", classifier), value, by, reason)
+
+
 def tombstone(key: str) -> Record:
     return key.encode(), None
 
@@ -301,7 +323,7 @@ def _derive(
     base: PolicyState, records: Mapping[str, dict[str, Any]], version: int | None
 ) -> PolicyState:
     """`base` with every override in `records` (key -> value and its offset) applied."""
-    thresholds, modes = {}, {}
+    thresholds, modes, adapters = {}, {}, {}
     routes, default_route = dict(base.routes), base.default_route
     for key, value in records.items():
         kind, parts = parse_key(key)
@@ -309,13 +331,15 @@ def _derive(
             thresholds[(parts[0], (*parts, None)[1])] = float(value["threshold"])
         elif kind == "mode":
             modes[parts[0]] = value["mode"]
+        elif kind == "adapter":
+            adapters[parts[0]] = {k: value[k] for k in ("lora", "sha256") if value.get(k)}
         elif parts[0] == DEFAULT_ROUTE_KEY:
             default_route = tuple(value["classifiers"])
         else:
             routes[parts[0]] = tuple(value["classifiers"])
     return replace(
         base, default_route=default_route, routes=routes, control_thresholds=thresholds,
-        control_modes=modes, version=version, overrides=records,
+        control_modes=modes, control_adapters=adapters, version=version, overrides=records,
     )  # fmt: skip
 
 

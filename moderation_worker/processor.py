@@ -9,6 +9,7 @@ that fails on known-good texts (one per compiled shape) is `ModelUnavailable` in
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from moderation_worker.policy import PolicyState, single_classifier_policy
 from moderation_worker.verdicts import RowModel, as_row_model, decide
 
 H = TypeVar("H")
+log = logging.getLogger("moderation_worker.processor")
 
 #: Rows of a probability matrix must sum to 1 within this tolerance to count as a valid answer.
 _ROW_SUM_TOLERANCE = 1e-3
@@ -107,6 +109,7 @@ class BatchProcessor:
         if canary_text != "hello":
             self.canary_rows = [(canary_text, self.model.names[0])]
         self.clock = clock
+        self._adapters_applied: Any = {}
 
     @property
     def canary_texts(self) -> list[str]:
@@ -120,6 +123,7 @@ class BatchProcessor:
     def process(self, events: Sequence[InputEvent[H]]) -> BatchResult[H]:
         """One outcome per event, in order. Raises only `ModelUnavailable`."""
         state = self.policy()  # one state decides the whole batch
+        self._sync_adapters(state)
         scorable = [e for e in events if e.comment is not None]
         rows = [
             (i, e.comment.text, name)
@@ -156,6 +160,16 @@ class BatchProcessor:
             else:
                 result.outcomes.append(by_event[id(event)])
         return result
+
+    def _sync_adapters(self, state: PolicyState) -> None:
+        """Adapter overrides from the control topic, applied at this batch boundary (a model
+        that cannot swap adapters ignores them)."""
+        apply = getattr(self.model, "apply_overrides", None)
+        if apply is None or state.control_adapters == self._adapters_applied:
+            return
+        for message in apply(state.control_adapters):
+            log.warning("adapter override: %s", message)
+        self._adapters_applied = state.control_adapters
 
     def _outcome(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import orjson
 import pytest
 
 from moderation_worker.model.classifier import AgileClassifier
@@ -141,3 +142,47 @@ def test_per_row_lora_equals_single_adapter_classifiers_on_gemma3_270m() -> None
     p = rules.p_positive(texts + texts, names)
     expected = [alone[n][i % 4] for i, n in enumerate(names)]
     np.testing.assert_allclose(p, expected, atol=1e-4)
+
+
+def test_an_adapter_override_swaps_weights_at_a_batch_boundary_and_a_bad_one_is_refused(
+    setup, tmp_path
+) -> None:
+    """`adapter/<classifier>` control records: new weights without a restart, checked by sha256."""
+    from moderation_worker.batching import admit
+    from moderation_worker.events import SourcePosition
+    from moderation_worker.policy import ControlState, record_for_adapter, single_classifier_policy
+    from moderation_worker.processor import BatchProcessor
+
+    model, adapters, alone = setup
+    fresh = build_tiny_model(seed=0)
+    new = random_adapter(fresh, 2, rank=2, labels=("No", "Yes")).save(tmp_path / "v2.lora.h5")
+    rules = ClassifierSet(fresh, {"hate": random_adapter(fresh, 1)}, batch_size=4)
+    control = ControlState(single_classifier_policy("hate"))
+    processor = BatchProcessor(rules, policy=control.snapshot)
+
+    def score() -> list[dict]:
+        events = [
+            admit(
+                orjson.dumps({"id": f"c{i}", "text": t}),
+                key=None,
+                source=SourcePosition("t", 0, i),
+                handle=i,
+                received_at=0.0,
+            )
+            for i, t in enumerate(TEXTS)
+        ]
+        outcomes = processor.process(events).outcomes
+        return [o.verdict.to_dict()["classifiers"]["hate"] for o in outcomes]
+
+    before = score()
+    assert [r["p"] for r in before] == pytest.approx(list(alone["a"]), abs=1e-5)
+    control.apply(*record_for_adapter("hate", str(new.path), new.sha256), offset=0)
+    after = score()
+    assert [r["p"] for r in after] == pytest.approx(list(alone["b"]), abs=1e-5)
+    assert {r["lora_sha256"] for r in after} == {new.sha256}
+
+    wrong = "0" * 64  # a record naming another file's hash: refused, the weights stay
+    control.apply(*record_for_adapter("hate", str(new.path), wrong), offset=1)
+    assert [r["p"] for r in score()] == pytest.approx(list(alone["b"]), abs=1e-5)
+    control.apply(b"adapter/hate", None, offset=2)  # tombstone: the configured weights again
+    assert [r["p"] for r in score()] == pytest.approx(list(alone["a"]), abs=1e-5)

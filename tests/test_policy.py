@@ -21,6 +21,7 @@ from moderation_worker.policy import (
     decode_record,
     parse_key,
     policy_from_settings,
+    record_for_adapter,
     record_for_mode,
     record_for_route,
     record_for_threshold,
@@ -226,6 +227,12 @@ BAD_RECORDS = [
     (b"threshold/hate", b"{not json", "not JSON"),
     (b"threshold/hate", b"", "not JSON"),
     (b"threshold/hate", b'{"threshold": 0.5, "reason": "' + b"x" * 70_000 + b'"}', "64 KiB"),
+    (b"adapter/hate", b'{"lora": ""}', "lora must be"),
+    (b"adapter/hate", b'{"lora": 7}', "lora must be"),
+    (b"adapter/hate", b'{"lora": "x.lora.h5", "sha256": "abc"}', "64 lower-case hex"),
+    (b"adapter/hate", b'{"lora": "x.lora.h5", "rank": 4}', "unknown field"),
+    (b"adapter/nope", b'{"lora": "x.lora.h5"}', "no classifier"),
+    (b"adapter/hate/gaming", b'{"lora": "x.lora.h5"}', "unknown control key"),
     (b"bogus", None, "unknown control key"),
     (b"threshold/hate/a/b", None, "unknown control key"),
 ]
@@ -358,6 +365,15 @@ def test_any_value_is_applied_or_rejected_never_anything_else() -> None:
                         continue
                     offset += 1
     assert control.applied == offset and control.applied > 0 and control.rejected > 500
+
+
+def test_an_adapter_override_is_state_and_a_tombstone_removes_it() -> None:
+    control = ControlState(make_state())
+    state = applied(control, record_for_adapter("violence", "/m/v2.lora.h5", "a" * 64, by="ops"))
+    assert dict(state.control_adapters["violence"]) == {"lora": "/m/v2.lora.h5", "sha256": "a" * 64}
+    assert state.to_dict()["classifiers"]["violence"]["adapter_override"]["lora"] == "/m/v2.lora.h5"
+    state = control.apply(*tombstone("adapter/violence"), offset=5)
+    assert not state.control_adapters and state.version == 6
 
 
 def test_a_single_classifier_policy() -> None:

@@ -15,8 +15,9 @@ Example:
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -59,6 +60,8 @@ class ClassifierSet:
         length_buckets: shorter sequence lengths a batch may be cut to (exact).
         spare_slots: room for classifiers added later (`add`) without a new stack.
         prompt: the prompt of zero-shot classifiers.
+        resolve: turns a LoRA spec of a control-topic override (`"shipped:violence"`, a path)
+            into a weights path; default: the spec is a path.
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class ClassifierSet:
         length_buckets: Sequence[int] | None = None,
         spare_slots: int = 2,
         prompt: PromptSettings | None = None,
+        resolve: Callable[[str], Path | None] | None = None,
     ) -> None:
         if not adapters:
             raise ValueError("a classifier set needs at least one classifier")
@@ -90,6 +94,10 @@ class ClassifierSet:
         self.members: dict[str, Member] = {}
         self.label_ids: list[int] = []
         self._model: MultiLoraModel | None = None
+        self._configured = dict(adapters)
+        self._resolve = resolve or Path
+        self._overrides: dict[str, tuple[str, str | None]] = {}  # name -> (lora, sha256) in
+        self._failed: set[tuple[str, str, str | None]] = set()
         first = next(iter(adapters.values()))
         length = (
             first.metadata.prompt.sequence_length
@@ -144,6 +152,43 @@ class ClassifierSet:
         member = Member(name, slot, adapter, encoder, columns, identity)
         self.members[name] = member
         return member
+
+    def apply_overrides(self, overrides: Mapping[str, Mapping[str, str]]) -> list[str]:
+        """Give each classifier the adapter a control record names (`{"lora", "sha256"}`), or
+        its configured one when the record is gone. Called at a batch boundary; returns one
+        message per change or failure. A file that cannot be loaded, or whose sha256 differs,
+        leaves the classifier on its current adapter (retried only when the record changes)."""
+        messages = []
+        for name in self.members:
+            spec = overrides.get(name)
+            wanted = (spec["lora"], spec.get("sha256")) if spec else None
+            if wanted == self._overrides.get(name):
+                continue
+            if wanted is None:
+                self.add(name, self._configured[name])
+                del self._overrides[name]
+                messages.append(f"{name}: back to its configured adapter")
+                continue
+            if (name, *wanted) in self._failed:
+                continue
+            try:
+                path = self._resolve(wanted[0])
+                adapter = LoraAdapter.load(path, base_model=self.base.name) if path else None
+                if wanted[1] and (adapter is None or adapter.sha256 != wanted[1]):
+                    got = adapter.sha256 if adapter else None
+                    raise ValueError(f"sha256 of {wanted[0]} is {got}, the record says {wanted[1]}")
+                self.add(name, adapter)
+            except Exception as exc:  # a bad file must not stop the worker; say why
+                self._failed.add((name, *wanted))
+                messages.append(
+                    f"{name}: adapter {wanted[0]!r} not loaded ({exc}); kept the old one"
+                )
+                continue
+            self._overrides[name] = wanted
+            messages.append(
+                f"{name}: now adapter {wanted[0]!r} (sha256 {adapter.sha256 if adapter else None})"
+            )
+        return messages
 
     # ------------------------------------------------------------------ scoring
     def encode(self, texts: Sequence[str], names: Sequence[str]) -> tuple[EncodedBatch, np.ndarray]:

@@ -235,4 +235,5 @@ def build_classifier_set(
         batch_size=batch_size,
         length_buckets=length_buckets,
         spare_slots=spare_slots,
+        resolve=lambda spec: resolve_lora(model, spec),
     )

@@ -23,6 +23,7 @@ from moderation_worker.policy import (
     decode_record,
     parse_key,
     policy_from_settings,
+    record_for_adapter,
     record_for_mode,
     record_for_route,
     record_for_threshold,
@@ -115,6 +116,20 @@ def cmd_control_set_mode(args: argparse.Namespace) -> int:
 def cmd_control_set_route(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.classifiers.split(",") if n.strip()]
     return _run(args, record_for_route(args.community, names, _by(args), args.reason))
+
+
+def cmd_control_set_adapter(args: argparse.Namespace) -> int:
+    """The sha256 is computed here when the file is readable here, so every worker checks it
+    loads the very file the operator meant."""
+    from pathlib import Path
+
+    from moderation_worker.model.lora import file_sha256
+
+    digest = args.sha256
+    if digest is None and not args.lora.startswith("shipped:") and Path(args.lora).is_file():
+        digest = file_sha256(args.lora)
+    record = record_for_adapter(args.classifier, args.lora, digest, _by(args), args.reason)
+    return _run(args, record)
 
 
 def cmd_control_clear(args: argparse.Namespace) -> int:
