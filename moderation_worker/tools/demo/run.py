@@ -21,14 +21,11 @@ from adapters.kafka_admin import create_topics, normalize_broker_url
 from adapters.tansu import TansuBroker, free_port
 from moderation_worker.tools.demo.config import DemoConfig, DemoError, demo_settings
 from moderation_worker.tools.demo.inputs import load_demo_input
+from moderation_worker.tools.demo.live_change import AppliedChange, apply_live_change
 from moderation_worker.tools.demo.progress import Console, wait_for_worker
 from moderation_worker.tools.demo.stream import stream_events
-from moderation_worker.tools.demo.summary import (
-    DemoReport,
-    build_report,
-    render_table,
-    write_verdicts,
-)
+from moderation_worker.tools.demo.summary import DemoReport, build_report, write_verdicts
+from moderation_worker.tools.demo.table import render_table
 from moderation_worker.tools.worker_process import (
     WorkerProcess,
     WorkerProcessError,
@@ -101,7 +98,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoReport:
         asyncio.run(create_topics(settings, topics))
         console.say(
             f"topics: {settings.input_topic}, {settings.verdict_topic}, {settings.dlq_topic} "
-            f"({settings.input_partitions} partitions)"
+            f"({settings.input_partitions} partitions); control topic {settings.control_topic}"
         )
 
         worker = WorkerProcess(
@@ -116,12 +113,29 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoReport:
         for line in worker.plain_log_lines():
             if "ZERO-SHOT" in line:
                 console.say(f"worker says: {line.strip()}")
+        policy = health.get("policy") or {}
+        classifiers = ", ".join(
+            f"{name} ({c['mode']}, threshold {c['threshold']['value']:.3f})"
+            for name, c in (policy.get("classifiers") or {}).items()
+        )
         console.say(
             f"worker ready in {time.monotonic() - started:.1f} s: model "
-            f"{health['model']['base_model']}, LoRA {health['model']['lora_sha256'] or 'none'}, "
-            f"threshold {health['threshold']}, partitions {health['assigned_partitions']}"
+            f"{health['model']['base_model']}, classifiers {classifiers or '?'}, control "
+            f"version {policy.get('version')}, partitions {health['assigned_partitions']}"
         )
 
+        applied: list[AppliedChange] = []
+        change = config.live_change
+
+        async def midway(after_events: int) -> None:
+            assert change is not None
+            applied.append(
+                await apply_live_change(
+                    settings, change, worker, after_events=after_events, console=console
+                )
+            )
+
+        live = change is not None and len(demo_input.events) >= 2
         result = asyncio.run(
             stream_events(
                 settings,
@@ -130,9 +144,11 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoReport:
                 timeout_s=config.stream_timeout(len(demo_input.events)),
                 console=console,
                 check_worker=worker.check_alive,
+                midway=midway if live else None,
             )
         )
         metrics_text = worker.metrics()
+        ready_health = health
         latest = worker.health()
         if latest is not None and latest[1].get("model"):
             health = latest[1]
@@ -141,6 +157,8 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoReport:
         demo_input,
         result,
         health=health,
+        ready_health=ready_health,
+        live_change=applied[0] if applied else None,
         metrics_text=metrics_text,
         config=config,
         broker=broker_text,

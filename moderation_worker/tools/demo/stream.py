@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ from moderation_worker.settings import Settings
 from moderation_worker.tools.demo.config import DemoError
 from moderation_worker.tools.demo.inputs import DemoInput
 from moderation_worker.tools.demo.progress import Console
+from moderation_worker.tools.worker_process import WorkerProcessError
 
 Position = tuple[int, int]  # (partition, offset) of an input record
 
@@ -39,6 +40,7 @@ class StreamResult:
     outcomes: dict[Position, ReadBack] = field(default_factory=dict)
     duplicates: int = 0
     timed_out: bool = False
+    paused_s: float = 0.0  # producing held for the midway step, the worker idle meanwhile
 
     def outcome(self, index: int) -> ReadBack | None:
         position = self.positions.get(index)
@@ -56,8 +58,14 @@ async def stream_events(
     timeout_s: float,
     console: Console,
     check_worker: Callable[[], None] = lambda: None,
+    midway: Callable[[int], Awaitable[None]] | None = None,
+    split: int | None = None,
 ) -> StreamResult:
     """Produce every event and read outcomes until each one has one, or `timeout_s` passes.
+
+    With `midway`, producing stops after the first `split` events (default: half) until each
+    of them has its outcome, then awaits `midway(split)` (the demo's live change) and goes on;
+    the time `midway` takes is `paused_s`, and a paced stream (`rate`) resumes its pace after it.
 
     The reader assigns all partitions of both output topics and seeks to the beginning before
     the first event is sent: Tansu 0.6.0 answers ListOffsets LATEST wrongly, so "latest" could
@@ -71,6 +79,11 @@ async def stream_events(
     index_of: dict[Position, int] = {}
     settled: set[int] = set()
     counts: Counter[str] = Counter()
+    split = len(events) // 2 if split is None else split
+    first_part_done = asyncio.Event()
+    early = [0]  # how many of the first `split` events are settled
+    if split <= 0:
+        first_part_done.set()
 
     consumer = kafka_consumer(
         settings,
@@ -101,6 +114,9 @@ async def stream_events(
             if index not in settled and result.outcome(index) is not None:
                 settled.add(index)
                 outcome_bar.update(1)
+                early[0] += index < split
+                if early[0] == split:
+                    first_part_done.set()
 
         def placed(index: int, future: asyncio.Future[Any]) -> None:
             if future.cancelled() or future.exception() is not None:
@@ -116,6 +132,13 @@ async def stream_events(
             started = time.monotonic()
             pending = []
             for i, event in enumerate(events):
+                if midway is not None and i == split:
+                    held = time.monotonic()
+                    await first_part_done.wait()
+                    idle = time.monotonic()
+                    await midway(split)
+                    result.paused_s = time.monotonic() - idle
+                    started += time.monotonic() - held  # the pace goes on where it stopped
                 if rate:
                     delay = started + i / rate - time.monotonic()
                     if delay > 0:
@@ -136,7 +159,10 @@ async def stream_events(
         try:
             while not (producing.done() and len(settled) == len(events)):
                 if producing.done() and producing.exception() is not None:
-                    raise DemoError(f"producing failed: {producing.exception()!r}")
+                    exc = producing.exception()
+                    if isinstance(exc, (DemoError, WorkerProcessError)):
+                        raise exc  # the midway step's own message
+                    raise DemoError(f"producing failed: {exc!r}")
                 if time.monotonic() > deadline:
                     result.timed_out = True
                     break

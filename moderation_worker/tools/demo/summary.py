@@ -3,7 +3,6 @@ worker, the table printed last, and the files it leaves (`verdicts.jsonl`, `summ
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,8 +11,20 @@ from typing import Any
 import orjson
 
 from moderation_worker.settings import DEFAULT_LORA
-from moderation_worker.tools.demo.config import FAUST_FETCH_MAX_WAIT_S, DemoConfig
+from moderation_worker.tools.demo.config import (
+    FAUST_FETCH_MAX_WAIT_S,
+    DemoConfig,
+    demo_classifiers,
+)
+from moderation_worker.tools.demo.figures import (
+    classifier_rows,
+    community_counts,
+    control_figures,
+    flagged,
+    shadow_figures,
+)
 from moderation_worker.tools.demo.inputs import DemoInput
+from moderation_worker.tools.demo.live_change import AppliedChange
 from moderation_worker.tools.demo.stream import StreamResult
 
 
@@ -42,11 +53,19 @@ class DemoReport:
     batch_fill_ratio: float | None
     batch_fill_source: str
     model_batches: int | None
-    hateful: int
-    hateful_rate: float | None
+    flagged: int
+    flagged_rate: float | None
+    flagged_by: dict[str, int]
     labelled: int
     f1: float | None
     roc_auc: float | None
+    primary: str | None  # whose p_hateful the ROC-AUC ranks
+    classifiers: list[dict[str, Any]]
+    routes: dict[str, list[str]]  # community -> classifiers; "*": every other event
+    communities: dict[str, int]  # verdicts per community
+    shadow: dict[str, Any]
+    control: dict[str, Any]  # verdicts per control version; the live change and its effect
+    paused_s: float
     verdicts_file: str
     worker_log: str
     notes: list[str] = field(default_factory=list)
@@ -66,7 +85,8 @@ class DemoReport:
 def model_description(
     health_model: dict[str, Any] | None, model: str, lora: str | None
 ) -> tuple[str, str | None, str | None]:
-    """(text, base model, LoRA sha) for the summary, saying plainly when it is zero-shot.
+    """(text, base model, LoRA sha) of the primary classifier, saying plainly when it is
+    zero-shot.
 
     The worker's `/health` reports what it actually loaded. With `--lora default` and no
     sha, `shipped_lora(model)` found nothing (the worker also printed a ZERO-SHOT notice).
@@ -125,13 +145,20 @@ def build_report(
     broker: str,
     embedded: bool,
     worker_log: Path,
+    ready_health: dict[str, Any] | None = None,
+    live_change: AppliedChange | None = None,
 ) -> DemoReport:
-    """Every figure of the summary from what was produced, read back and scraped."""
+    """Every figure of the summary from what was produced, read back and scraped.
+
+    `ready_health` is `/health` when the worker got ready, `health` the latest one; their
+    policies are the thresholds before and after (the live change's own, when there was one).
+    """
     events = demo_input.events
     n = len(events)
     outcomes = [(i, result.outcome(i)) for i in range(n)]
     found = [(i, o) for i, o in outcomes if o is not None]
     verdicts = [(i, o) for i, o in found if o.kind == "verdict"]
+    values = [o.value for _, o in verdicts]
     dead = Counter(o.value.get("reason", "unknown") for _, o in found if o.kind == "dead_letter")
     expected = Counter(e.expected_reason for e in events if e.expected_reason is not None)
     missing = [i for i, o in outcomes if o is None]
@@ -141,7 +168,9 @@ def build_report(
     window = None
     if found and result.sent_at:
         window = max(o.received_at for _, o in found) - min(result.sent_at.values())
-    hateful = sum(bool(o.value.get("hateful")) for _, o in verdicts)
+    busy = window - result.paused_s if window else None  # the midway pause is no throughput
+    n_flagged = sum(flagged(v) for v in values)
+    flagged_by = Counter(name for v in values for name in v.get("flagged_by") or ())
 
     labelled = [(events[i].label, o.value) for i, o in verdicts if events[i].label is not None]
     f1 = auc = None
@@ -149,9 +178,10 @@ def build_report(
         from sklearn.metrics import f1_score, roc_auc_score
 
         y = [int(label) for label, _ in labelled]
-        f1 = float(f1_score(y, [int(bool(v.get("hateful"))) for _, v in labelled], zero_division=0))
-        if len(set(y)) == 2:
+        f1 = float(f1_score(y, [int(flagged(v)) for _, v in labelled], zero_division=0))
+        if len(set(y)) == 2:  # the primary classifier's score, as in a version-1 verdict
             auc = float(roc_auc_score(y, [float(v["p_hateful"]) for _, v in labelled]))
+    primaries = Counter(v.get("primary") for v in values if v.get("primary"))
 
     fill, batches = batch_fill_from_metrics(metrics_text)
     fill_source = (
@@ -159,9 +189,16 @@ def build_report(
         if fill is not None
         else "not available (worker /metrics could not be read)"
     )
-    description, base, sha = model_description(
-        (health or {}).get("model"), config.model, config.lora
-    )
+    _, base, sha = model_description((health or {}).get("model"), config.model, config.lora)
+    policy_after = (health or {}).get("policy") or {}
+    policy_before = (ready_health or {}).get("policy") or policy_after
+    if live_change is not None:  # the worker's policy just before and just after the record
+        policy_before = live_change.policy_before or policy_before
+        policy_after = live_change.policy_after or policy_after
+    loras = {c.name: c.lora for c in demo_classifiers(config, None)}
+    rows = classifier_rows(values, policy_before, policy_after, loras)
+    routes = {c: list(r) for c, r in (policy_after.get("routes") or {}).items()}
+    routes["*"] = list(policy_after.get("default_route") or [])
     notes = []
     if embedded:
         notes.append(
@@ -174,13 +211,18 @@ def build_report(
             "unthrottled: all events were produced at once, so latency includes time queued "
             "behind earlier comments; use --rate N for latency at a steady load"
         )
+    if live_change is not None:
+        notes.append(
+            f"producing paused {result.paused_s:.1f} s for the live change (publish, and wait "
+            "until the worker applied it); events/s leaves the pause out"
+        )
     return DemoReport(
         input=demo_input.description,
         broker=broker,
-        model=description,
+        model=f"{base}, {len(rows)} classifier(s) on one backbone (per-row LoRA)",
         base_model=base,
         lora_sha256=sha,
-        threshold=(health or {}).get("threshold"),
+        threshold=(ready_health or health or {}).get("threshold"),
         events=n,
         verdicts=len(verdicts),
         dead_letters=dict(sorted(dead.items())),
@@ -189,94 +231,30 @@ def build_report(
         missing=len(missing),
         missing_ids=missing_ids[:20],
         timed_out=result.timed_out,
-        events_per_s=(len(found) / window) if window else None,
+        events_per_s=(len(found) / busy) if busy else None,
         window_s=window,
         latency_p50_s=_percentile(latencies, 50),
         latency_p99_s=_percentile(latencies, 99),
         batch_fill_ratio=fill,
         batch_fill_source=fill_source,
         model_batches=batches,
-        hateful=hateful,
-        hateful_rate=(hateful / len(verdicts)) if verdicts else None,
+        flagged=n_flagged,
+        flagged_rate=(n_flagged / len(verdicts)) if verdicts else None,
+        flagged_by=dict(sorted(flagged_by.items())),
         labelled=len(labelled),
         f1=f1,
         roc_auc=auc,
+        primary=primaries.most_common(1)[0][0] if primaries else None,
+        classifiers=rows,
+        routes=routes,
+        communities=community_counts(values),
+        shadow=shadow_figures(values),
+        control=control_figures(values, live_change),
+        paused_s=result.paused_s,
         verdicts_file=str(config.out),
         worker_log=str(worker_log),
         notes=notes,
     )
-
-
-def _num(value: float | None, fmt: str = "{:.3f}", none: str = "n/a") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return none
-    return fmt.format(value)
-
-
-def render_table(report: DemoReport) -> str:
-    """The summary as an aligned two-column text table (what the newcomer reads last)."""
-    dead = ", ".join(f"{reason} {n}" for reason, n in report.dead_letters.items()) or "none"
-    rows: list[tuple[str, str]] = [
-        ("input", report.input),
-        ("broker", report.broker),
-        ("model", report.model),
-        ("threshold", _num(report.threshold)),
-        ("events produced", str(report.events)),
-        ("verdicts", str(report.verdicts)),
-        ("dead letters", f"{sum(report.dead_letters.values())} ({dead})"),
-        (
-            "accounted for",
-            f"{report.accounted}/{report.events}"
-            + (f", {report.duplicates} duplicate(s) ignored" if report.duplicates else "")
-            + (f", {report.missing} MISSING" if report.missing else ""),
-        ),
-        (
-            "events/s",
-            _num(report.events_per_s, "{:.1f}")
-            + (f" ({report.accounted} in {report.window_s:.1f} s)" if report.window_s else ""),
-        ),
-        (
-            "latency p50 / p99",
-            f"{_num(report.latency_p50_s, '{:.2f} s')} / {_num(report.latency_p99_s, '{:.2f} s')}"
-            " (produce -> outcome read)",
-        ),
-        (
-            "batch fill",
-            _num(report.batch_fill_ratio, "{:.2f}")
-            + (
-                f" (mean over {report.model_batches} model batches, worker /metrics)"
-                if report.batch_fill_ratio is not None
-                else f" ({report.batch_fill_source})"
-            ),
-        ),
-        (
-            "hateful rate",
-            _num(report.hateful_rate, "{:.1%}") + f" ({report.hateful} of {report.verdicts})",
-        ),
-    ]
-    if report.labelled:
-        rows.append(
-            (
-                "F1 / ROC-AUC",
-                f"{_num(report.f1)} / {_num(report.roc_auc)} "
-                f"({report.labelled} labelled comments, at the threshold above)",
-            )
-        )
-    else:
-        rows.append(("F1 / ROC-AUC", "n/a (input has no labels)"))
-    rows += [("verdicts file", report.verdicts_file), ("worker log", report.worker_log)]
-    width = max(len(k) for k, _ in rows)
-    title = "moderation-worker demo: summary"
-    lines = [title, "=" * len(title)]
-    lines += [f"{key.ljust(width)}  {value}" for key, value in rows]
-    if report.missing:
-        lines.append(
-            f"MISSING: {report.missing} event(s) had no verdict or dead letter"
-            + (" when the demo timed out" if report.timed_out else "")
-            + f": {', '.join(report.missing_ids)}"
-        )
-    lines += [f"note: {note}" for note in report.notes]
-    return "\n".join(lines)
 
 
 def write_verdicts(path: Path, demo_input: DemoInput, result: StreamResult) -> int:
