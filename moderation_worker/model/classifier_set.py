@@ -96,7 +96,7 @@ class ClassifierSet:
         self._model: MultiLoraModel | None = None
         self._configured = dict(adapters)
         self._resolve = resolve or Path
-        self._overrides: dict[str, tuple[str, str | None]] = {}  # name -> (lora, sha256) in
+        self._overrides: dict[str, tuple[str, str | None]] = {}  # name -> (lora, sha256) loaded
         self._failed: set[tuple[str, str, str | None]] = set()
         first = next(iter(adapters.values()))
         length = (
