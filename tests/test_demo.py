@@ -513,6 +513,9 @@ def test_ctrl_c_mid_stream_stops_the_worker_and_the_broker(tmp_path: Path) -> No
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A test run started as a background job (`make test &`, nohup) ignores SIGINT, and
+        # children inherit that: give the demo the terminal's Ctrl-C back.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines: list[str] = []
     streaming = threading.Event()
