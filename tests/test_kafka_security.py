@@ -683,10 +683,14 @@ async def test_mtls_encrypted_key_with_password_file_passes_and_foreign_cert_is_
     with pytest.raises(BrokerConnectionError) as info:
         await kafka_preflight.check_connection(foreign, timeout_s=10)
     assert f"rejected the client certificate ssl_certfile {pki.foreign_cert}" in str(info.value)
-    assert any(
+    # The client can see the rejection a moment before the proxy has recorded its side.
+    deadline = time.monotonic() + 5.0
+    while not any(
         "CERTIFICATE_VERIFY_FAILED" in e
         for e in mtls_cluster.proxy.handshake_errors[errors_before:]
-    )
+    ):
+        assert time.monotonic() < deadline, mtls_cluster.proxy.handshake_errors[errors_before:]
+        await asyncio.sleep(0.05)
 
 
 # --- (c) untrusted server certificate ---------------------------------------------------------
