@@ -71,13 +71,7 @@ class FleetPolicy:
     def rebase(self, settings: Settings, model: Any) -> PolicyState:
         """The settings' policy with each classifier's calibrated threshold, under the
         control-topic overrides; overrides the new base no longer admits are dropped (logged)."""
-        calibrated: dict[str, float | None] = {}
-        if model is not None:
-            if hasattr(model, "calibrated_thresholds"):
-                calibrated = model.calibrated_thresholds()
-            else:
-                name = as_row_model(model).names[0]
-                calibrated = {name: getattr(model, "calibrated_threshold", None)}
+        calibrated = as_row_model(model).calibrated_thresholds() if model is not None else {}
         for key, reason in self.state.rebase(policy_from_settings(settings, calibrated)):
             log.warning("control override dropped", extra={"key": key, "reason": reason})
         self.settings = settings

@@ -105,20 +105,9 @@ class BatchProcessor:
             policy = _fixed_threshold_policy(self.model.names[0], threshold)
         self.policy = policy
         self.batch_size = batch_size or self.model.batch_size
-        self.canary_rows = self.model.canary_rows() or [("hello", self.model.names[0])]
-        if canary_text != "hello":
-            self.canary_rows = [(canary_text, self.model.names[0])]
+        self.canary_rows = self.model.canary_rows() or [(canary_text, self.model.names[0])]
         self.clock = clock
         self._adapters_applied: Any = {}
-
-    @property
-    def canary_texts(self) -> list[str]:
-        return [text for text, _ in self.canary_rows]
-
-    def threshold(self) -> float:
-        """The primary classifier's default threshold now (for logs and metrics)."""
-        state = self.policy()
-        return float(state.threshold(state.default_route[0], None).value)
 
     def process(self, events: Sequence[InputEvent[H]]) -> BatchResult[H]:
         """One outcome per event, in order. Raises only `ModelUnavailable`."""

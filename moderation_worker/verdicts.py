@@ -52,6 +52,7 @@ class RowModel(Protocol):
     def identity_of(self, name: str) -> ModelIdentity: ...
     def labels_of(self, name: str) -> tuple[str, str]: ...
     def canary_rows(self) -> list[tuple[str, str]]: ...
+    def calibrated_thresholds(self) -> dict[str, float | None]: ...
 
 
 class SingleClassifierRows:
@@ -88,9 +89,13 @@ class SingleClassifierRows:
         return negative, self.model.positive_label
 
     def canary_rows(self) -> list[tuple[str, str]]:
+        """The model's canary texts (one per compiled shape), if it offers them."""
         provider = getattr(self.model, "canary_texts", None)
         texts = list(provider()) if callable(provider) else []
-        return [(text, self.name) for text in texts or ["hello"]]
+        return [(text, self.name) for text in texts]
+
+    def calibrated_thresholds(self) -> dict[str, float | None]:
+        return {self.name: self.calibrated_threshold}
 
 
 def as_row_model(model: Any, name: str = "hate") -> RowModel:
