@@ -1,5 +1,5 @@
 """`moderation-worker` command line: train, calibrate, evaluate, score, worker, config, control,
-demo, bench.
+learn, labels, demo, bench.
 
 This module only builds the argument parser and dispatches; the commands themselves are in
 `moderation_worker/tools/commands.py` and `tools/control.py`, which call the library.
@@ -25,6 +25,7 @@ from moderation_worker.tools.commands import (  # noqa: E402
     cmd_train,
     cmd_worker,
 )
+from moderation_worker.tools.loop_commands import add_loop_parsers  # noqa: E402
 
 
 def _add_model_args(p: argparse.ArgumentParser, lora_default: str | None = "default") -> None:
@@ -216,6 +217,7 @@ def _add_control_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sha256", default=None, help="the file's sha256 (default: computed here)")
     p = command("clear", control.cmd_control_clear, "remove an override (tombstone)", False)
     p.add_argument("key", help="e.g. threshold/hate/gaming, mode/violence, route/*")
+    add_loop_parsers(sub, commands)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,59 +2,38 @@
 
 A `PolicyState` is immutable and a batch is decided under one, so a live change never splits a
 batch. It is the settings (`policy_from_settings`) plus the overrides read from the compacted
-control topic (`ControlState.apply`): an operator changes the whole fleet without a restart.
+control topic (`ControlState.apply`; the records are described in `control_records`): an
+operator, or the learner, changes the whole fleet without a restart.
 
-Control records: key a UTF-8 string, value a JSON object, or null (a tombstone: the override is
-removed, the configured value is back, and compaction forgets the key).
-
-    threshold/<classifier>               {"threshold": 0.72}   every community
-    threshold/<classifier>/<community>   {"threshold": 0.8}    that community only
-    mode/<classifier>                    {"mode": "shadow"}    or "enforce"
-    route/<community>                    {"classifiers": ["hate", "violence"]}
-    route/*                              {"classifiers": ["hate"]}   events without a route
-    adapter/<classifier>                 {"lora": "/models/v2.lora.h5", "sha256": "…"}  new
-                                         weights, loaded at a batch boundary (sha256 checked)
-
-A value may also carry "by", "reason" and "at" (ISO 8601), the audit trail in `to_dict()`.
-Anything else is rejected (`ControlRecordError`, state unchanged), so a typo never silently does
-nothing; a tombstone needs a well-formed key only, so a stale override can always be cleared.
 `version` is the offset of the last record *applied* + 1 (0 before any, None without a control
 topic); a rejected record changes nothing, version included.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
-import orjson
-
-from moderation_worker.settings import DEFAULT_CLASSIFIER, Settings, check_community
+from moderation_worker.control_records import (
+    CANDIDATE_SUFFIX,
+    DEFAULT_ROUTE_KEY,
+    ENFORCE,
+    SHADOW,
+    ControlRecordError,
+    control_key,
+    decode_record,
+    parse_key,
+    validate_record,
+)
+from moderation_worker.settings import DEFAULT_CLASSIFIER, Settings
 from moderation_worker.threshold_source import (
     DEFAULT_THRESHOLD,
     ThresholdInForce,
     read_threshold_file,
 )
-
-ENFORCE = "enforce"
-SHADOW = "shadow"
-MODES = (ENFORCE, SHADOW)
-DEFAULT_ROUTE_KEY = "*"
-MAX_VALUE_BYTES = 64 * 1024
-_AUDIT = {"by": 256, "reason": 2048, "at": 64}  # optional fields -> longest value
-_FIELD = {"threshold": "threshold", "mode": "mode", "route": "classifiers", "adapter": "lora"}
-_PARTS = {"threshold": (1, 2), "mode": (1,), "route": (1,), "adapter": (1,)}  # names after kind
-_EXTRA = {"adapter": {"sha256"}}  # optional fields besides the main one and the audit trail
-MAX_LORA_SPEC_CHARS = 4096
-
-
-class ControlRecordError(ValueError):
-    """Why a control record was rejected (the message is logged and printed)."""
 
 
 def _frozen(mapping: Mapping[Any, Any]) -> Mapping[Any, Any]:
@@ -86,13 +65,14 @@ class PolicyState:
     routing_field: str = "community"
     control_thresholds: Mapping[tuple[str, str | None], float] = field(default_factory=dict)
     control_modes: Mapping[str, str] = field(default_factory=dict)
-    control_adapters: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    control_adapters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    control_candidates: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     version: int | None = None
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # key -> audit
 
     def __post_init__(self) -> None:
         for name in ("classifiers", "routes", "control_thresholds", "control_modes",
-                     "control_adapters", "overrides"):  # fmt: skip
+                     "control_adapters", "control_candidates", "overrides"):  # fmt: skip
             object.__setattr__(self, name, _frozen(getattr(self, name)))
 
     def community(self, meta: Mapping[str, Any] | None) -> str | None:
@@ -104,17 +84,34 @@ class PolicyState:
         """The classifiers that score an event with these other fields."""
         return self.routes.get(self.community(meta) or "", self.default_route)
 
+    def scored(self, meta: Mapping[str, Any] | None, loaded: Sequence[str] = ()) -> list[str]:
+        """The rows an event becomes: its route, then the candidate of each routed classifier
+        that has one and whose adapter the model has `loaded` (never a row it cannot score)."""
+        route = self.route(meta)
+        extra = [candidate_name(c) for c in route if c in self.control_candidates]
+        return [*route, *(n for n in extra if n in loaded)]
+
     def mode(self, classifier: str) -> str:
+        if classifier.endswith(CANDIDATE_SUFFIX):
+            return SHADOW  # a candidate never decides; promotion makes it the classifier
         return self.control_modes.get(classifier) or self.classifiers[classifier].mode
 
     def threshold(self, classifier: str, community: str | None = None) -> ThresholdInForce:
-        """First hit wins: control (community, then classifier-wide), config (same order), the
-        adapter's calibrated threshold, 0.5."""
+        """First hit wins: control (community, then classifier-wide, then the threshold an
+        `adapter/` record brought with its weights), config (same order), the adapter's
+        calibrated threshold, 0.5. A candidate's is the one its record carries."""
+        if classifier.endswith(CANDIDATE_SUFFIX):
+            base = classifier.removesuffix(CANDIDATE_SUFFIX)
+            value = float(self.control_candidates[base]["threshold"])
+            return ThresholdInForce(value, "control", control_key("candidate", base))
         policy = self.classifiers[classifier]
         for key in dict.fromkeys([(classifier, community), (classifier, None)]):
             value = self.control_thresholds.get(key)
             if value is not None:
-                return ThresholdInForce(value, "control", _key("threshold", *key))
+                return ThresholdInForce(value, "control", control_key("threshold", *key))
+        brought = (self.control_adapters.get(classifier) or {}).get("threshold")
+        if brought is not None:
+            return ThresholdInForce(float(brought), "control", control_key("adapter", classifier))
         configured = policy.community_thresholds.get(community) if community else None
         if configured is not None:
             detail = f"classifiers.{classifier}.community_thresholds.{community}"
@@ -137,6 +134,7 @@ class PolicyState:
                 "mode": self.mode(name),
                 "mode_source": "control" if name in self.control_modes else "setting",
                 "adapter_override": dict(self.control_adapters.get(name) or {}) or None,
+                "candidate": dict(self.control_candidates.get(name) or {}) or None,
                 "threshold": self.threshold(name).to_dict(),
                 "community_thresholds": {c: self.threshold(name, c).to_dict() for c in communities},
             }
@@ -178,144 +176,15 @@ def policy_from_settings(
     )
 
 
+def candidate_name(classifier: str) -> str:
+    """The name a classifier's candidate is scored and reported under."""
+    return classifier + CANDIDATE_SUFFIX
+
+
 def single_classifier_policy(name: str, threshold: float | None = None) -> PolicyState:
     """One classifier, every event routed to it, at `threshold` ("setting" level) if given."""
     policy = ClassifierPolicy(name, threshold=threshold, threshold_detail="threshold")
     return PolicyState(classifiers={name: policy}, default_route=(name,))
-
-
-# --------------------------------------------------------------------------- control records
-Record = tuple[bytes, bytes | None]
-Note = str | None
-
-
-def _key(kind: str, *parts: str | None) -> str:
-    return "/".join([kind, *(p for p in parts if p is not None)])
-
-
-def parse_key(key: str) -> tuple[str, tuple[str, ...]]:
-    """`kind/part[/part]` -> (kind, parts): the syntax checked, not that the names exist."""
-    kind, _, rest = key.partition("/")
-    parts = tuple(rest.split("/")) if rest else ()
-    if len(parts) not in _PARTS.get(kind, ()):
-        raise ControlRecordError(
-            f"unknown control key {key[:200]!r}: want threshold/<classifier>[/<community>], "
-            "mode/<classifier>, route/<community> or adapter/<classifier>"
-        )
-    communities = {"threshold": parts[1:], "route": parts}.get(kind, ())
-    for community in communities:
-        if (kind, community) != ("route", DEFAULT_ROUTE_KEY):
-            try:
-                check_community(community)
-            except ValueError as exc:
-                raise ControlRecordError(f"{key[:200]!r}: {exc}") from None
-    return kind, parts
-
-
-def _iso_time(text: str) -> bool:
-    try:
-        return bool(datetime.fromisoformat(text))
-    except ValueError:
-        return False
-
-
-def validate_record(state: PolicyState, key: str, value: Mapping[str, Any] | None) -> None:
-    """Raise `ControlRecordError` unless `state` would apply this record (the CLI checks first)."""
-    kind, parts = parse_key(key)
-    if value is None:
-        return
-    main, known = _FIELD[kind], list(state.classifiers)
-    if not isinstance(value, Mapping) or main not in value:
-        raise ControlRecordError(f"{key}: the value must be a JSON object with {main!r}, or null")
-    extra = _EXTRA.get(kind, set())
-    unknown = sorted(set(value) - {main, *extra, *_AUDIT})
-    if unknown:
-        allowed = ", ".join([main, *sorted(extra), *_AUDIT])
-        raise ControlRecordError(f"{key}: unknown field(s) {unknown}; allowed: {allowed}")
-    for name, longest in _AUDIT.items():
-        text = value.get(name, "")
-        bad_time = name == "at" and isinstance(text, str) and text and not _iso_time(text)
-        if not isinstance(text, str) or len(text) > longest or bad_time:
-            what = "an ISO 8601 time" if name == "at" else f"a string of <= {longest} chars"
-            raise ControlRecordError(f"{key}: {name!r} must be {what}")
-    if kind != "route" and parts[0] not in state.classifiers:
-        raise ControlRecordError(f"{key}: no classifier {parts[0]!r} (configured: {known})")
-    given = value[main]
-    if kind == "threshold":
-        number = isinstance(given, (int, float)) and not isinstance(given, bool)
-        if not (number and math.isfinite(given) and 0.0 <= given <= 1.0):
-            raise ControlRecordError(f"{key}: threshold must be a number in [0, 1], got {given!r}")
-    elif kind == "adapter":
-        if not isinstance(given, str) or not 0 < len(given) <= MAX_LORA_SPEC_CHARS:
-            raise ControlRecordError(f"{key}: lora must be a weights path or 'shipped:<name>'")
-        digest = value.get("sha256")
-        if digest is not None and not (
-            isinstance(digest, str) and len(digest) == 64 and set(digest) <= set("0123456789abcdef")
-        ):
-            raise ControlRecordError(f"{key}: sha256 must be 64 lower-case hex digits")
-    elif kind == "mode" and given not in MODES:
-        raise ControlRecordError(f"{key}: mode must be one of {list(MODES)}, got {given!r}")
-    elif kind == "route":
-        names = given if isinstance(given, list) and all(isinstance(n, str) for n in given) else []
-        if not names or not set(names) <= set(known) or len(set(names)) != len(names):
-            raise ControlRecordError(
-                f"{key}: classifiers must be a non-empty list of distinct names from {known}, "
-                f"got {given!r}"
-            )
-
-
-def decode_record(key: bytes | None, value: bytes | None) -> tuple[str, dict[str, Any] | None]:
-    """Raw Kafka key/value -> (key, value or None); `ControlRecordError` if unreadable."""
-    if key is None:
-        raise ControlRecordError("a control record needs a key")
-    try:
-        text = key.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ControlRecordError(f"control key {key[:64]!r} is not UTF-8") from None
-    if value is None:
-        return text, None
-    if len(value) > MAX_VALUE_BYTES:
-        raise ControlRecordError(f"{text[:200]}: value of {len(value)} bytes is over 64 KiB")
-    try:
-        parsed = orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
-        raise ControlRecordError(f"{text[:200]}: value is not JSON ({exc})") from None
-    if not isinstance(parsed, dict):
-        raise ControlRecordError(f"{text[:200]}: the value must be a JSON object or null")
-    return text, parsed
-
-
-def _record(key: str, value: dict[str, Any], by: Note, reason: Note) -> Record:
-    audit = {k: v for k, v in (("by", by), ("reason", reason)) if v is not None}
-    return key.encode(), orjson.dumps({**value, **audit})
-
-
-def record_for_threshold(
-    classifier: str, value: float, community: Note = None, by: Note = None, reason: Note = None
-) -> Record:
-    return _record(_key("threshold", classifier, community), {"threshold": value}, by, reason)
-
-
-def record_for_mode(classifier: str, mode: str, by: Note = None, reason: Note = None) -> Record:
-    return _record(_key("mode", classifier), {"mode": mode}, by, reason)
-
-
-def record_for_route(
-    community: str, classifiers: Sequence[str], by: Note = None, reason: Note = None
-) -> Record:
-    """`community` "*" sets the default route."""
-    return _record(_key("route", community), {"classifiers": list(classifiers)}, by, reason)
-
-
-def record_for_adapter(
-    classifier: str, lora: str, sha256: Note = None, by: Note = None, reason: Note = None
-) -> Record:
-    value = {"lora": lora, **({"sha256": sha256} if sha256 else {})}
-    return _record(_key("adapter", classifier), value, by, reason)
-
-
-def tombstone(key: str) -> Record:
-    return key.encode(), None
 
 
 # --------------------------------------------------------------------------- live state
@@ -323,7 +192,7 @@ def _derive(
     base: PolicyState, records: Mapping[str, dict[str, Any]], version: int | None
 ) -> PolicyState:
     """`base` with every override in `records` (key -> value and its offset) applied."""
-    thresholds, modes, adapters = {}, {}, {}
+    thresholds, modes, adapters, candidates = {}, {}, {}, {}
     routes, default_route = dict(base.routes), base.default_route
     for key, value in records.items():
         kind, parts = parse_key(key)
@@ -331,15 +200,17 @@ def _derive(
             thresholds[(parts[0], (*parts, None)[1])] = float(value["threshold"])
         elif kind == "mode":
             modes[parts[0]] = value["mode"]
-        elif kind == "adapter":
-            adapters[parts[0]] = {k: value[k] for k in ("lora", "sha256") if value.get(k)}
+        elif kind in ("adapter", "candidate"):
+            spec = {k: value[k] for k in ("lora", "sha256", "threshold") if k in value}
+            (adapters if kind == "adapter" else candidates)[parts[0]] = spec
         elif parts[0] == DEFAULT_ROUTE_KEY:
             default_route = tuple(value["classifiers"])
         else:
             routes[parts[0]] = tuple(value["classifiers"])
     return replace(
         base, default_route=default_route, routes=routes, control_thresholds=thresholds,
-        control_modes=modes, control_adapters=adapters, version=version, overrides=records,
+        control_modes=modes, control_adapters=adapters, control_candidates=candidates,
+        version=version, overrides=records,
     )  # fmt: skip
 
 

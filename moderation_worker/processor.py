@@ -118,7 +118,7 @@ class BatchProcessor:
             (i, e.comment.text, name)
             for i, e in enumerate(scorable)
             if e.comment is not None
-            for name in state.route(e.comment.meta)
+            for name in state.scored(e.comment.meta, self.model.names)
         ]
         result: BatchResult[H] = BatchResult(
             [],
@@ -153,12 +153,17 @@ class BatchProcessor:
     def _sync_adapters(self, state: PolicyState) -> None:
         """Adapter overrides from the control topic, applied at this batch boundary (a model
         that cannot swap adapters ignores them)."""
+        wanted = (state.control_adapters, state.control_candidates)
         apply = getattr(self.model, "apply_overrides", None)
-        if apply is None or state.control_adapters == self._adapters_applied:
+        if apply is None or wanted == self._adapters_applied:
             return
-        for message in apply(state.control_adapters):
+        messages = apply(state.control_adapters)
+        candidates = getattr(self.model, "apply_candidates", None)
+        if candidates is not None:
+            messages += candidates(state.control_candidates)
+        for message in messages:
             log.warning("adapter override: %s", message)
-        self._adapters_applied = state.control_adapters
+        self._adapters_applied = wanted
 
     def _outcome(
         self,

@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 from moderation_worker.events import DEFAULT_MAX_DEPTH, DEFAULT_MAX_TEXT_CHARS
+from moderation_worker.loop_settings import LoopSettings
 
 CONFIG_FILE_ENV = "MODERATION_CONFIG_FILE"
 DEFAULT_MODEL = "gemma3-270m"
@@ -62,6 +63,7 @@ class Settings(BaseSettings):
         frozen=True,
         validate_default=True,
         hide_input_in_errors=True,  # a validation error must never echo a secret
+        env_nested_delimiter="__",  # MODERATION_LOOP__MIN_NEW_LABELS=200
     )
 
     # Kafka edge
@@ -153,6 +155,7 @@ class Settings(BaseSettings):
     )
     spare_classifier_slots: int = Field(2, ge=0, description="adapter slots kept for new LoRAs")
     control_topic: str | None = Field("moderation.control", description="live overrides; ''=none")
+    loop: LoopSettings = Field(default_factory=LoopSettings, description="the agile loop")
     max_text_chars: int = Field(DEFAULT_MAX_TEXT_CHARS, ge=1)
     max_event_depth: int = Field(
         DEFAULT_MAX_DEPTH, ge=2, le=200, description="deeper events are dead-lettered (too_deep)"

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from moderation_worker.control_records import ENFORCE
 from moderation_worker.events import (
     ClassifierResult,
     Comment,
@@ -20,7 +21,7 @@ from moderation_worker.events import (
     SourcePosition,
     Verdict,
 )
-from moderation_worker.policy import ENFORCE, PolicyState
+from moderation_worker.policy import PolicyState
 
 
 class ProbabilityModel(Protocol):

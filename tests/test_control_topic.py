@@ -22,14 +22,8 @@ from adapters.control_topic import (
     read_control,
 )
 from moderation_worker.cli import main
-from moderation_worker.policy import (
-    ControlState,
-    PolicyState,
-    policy_from_settings,
-    record_for_mode,
-    record_for_threshold,
-    tombstone,
-)
+from moderation_worker.control_records import record_for_mode, record_for_threshold, tombstone
+from moderation_worker.policy import ControlState, PolicyState, policy_from_settings
 from moderation_worker.settings import ClassifierConfig, Settings
 from tests.fixtures_broker import BrokerInfo, produce
 

@@ -149,8 +149,9 @@ def test_an_adapter_override_swaps_weights_at_a_batch_boundary_and_a_bad_one_is_
 ) -> None:
     """`adapter/<classifier>` control records: new weights without a restart, checked by sha256."""
     from moderation_worker.batching import admit
+    from moderation_worker.control_records import record_for_adapter
     from moderation_worker.events import SourcePosition
-    from moderation_worker.policy import ControlState, record_for_adapter, single_classifier_policy
+    from moderation_worker.policy import ControlState, single_classifier_policy
     from moderation_worker.processor import BatchProcessor
 
     model, adapters, alone = setup

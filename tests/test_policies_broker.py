@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from adapters.control_topic import publish_control
-from moderation_worker.policy import record_for_threshold
+from moderation_worker.control_records import record_for_threshold
 from moderation_worker.settings import Settings
 from tests.fixtures_broker import (
     BrokerInfo,

@@ -10,24 +10,26 @@ from pathlib import Path
 import orjson
 import pytest
 
-from moderation_worker.policy import (
+from moderation_worker.control_records import (
     DEFAULT_ROUTE_KEY,
     ENFORCE,
     SHADOW,
-    ClassifierPolicy,
     ControlRecordError,
-    ControlState,
-    PolicyState,
     decode_record,
     parse_key,
-    policy_from_settings,
     record_for_adapter,
     record_for_mode,
     record_for_route,
     record_for_threshold,
-    single_classifier_policy,
     tombstone,
     validate_record,
+)
+from moderation_worker.policy import (
+    ClassifierPolicy,
+    ControlState,
+    PolicyState,
+    policy_from_settings,
+    single_classifier_policy,
 )
 from moderation_worker.settings import ClassifierConfig, Settings, SettingsError
 

@@ -18,9 +18,11 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from moderation_worker.control_records import CANDIDATE_SUFFIX
 from moderation_worker.events import ModelIdentity
 from moderation_worker.model.classifier import LoadedModel, _text_in_bucket
 from moderation_worker.model.lora import DEFAULT_TARGET_LAYERS, LoraAdapter
@@ -59,6 +61,8 @@ class ClassifierSet:
         jit_compile: XLA-compile the forward pass (see `AgileClassifier`).
         length_buckets: shorter sequence lengths a batch may be cut to (exact).
         spare_slots: room for classifiers added later (`add`) without a new stack.
+        spare_rank: the LoRA rank the stack holds at least, so an adapter added later (a
+            candidate of the agile loop, rank 4 like the codelab's) fits a zero-shot set.
         prompt: the prompt of zero-shot classifiers.
         resolve: turns a LoRA spec of a control-topic override (`"shipped:violence"`, a path)
             into a weights path; default: the spec is a path.
@@ -72,6 +76,7 @@ class ClassifierSet:
         jit_compile: bool | str = True,
         length_buckets: Sequence[int] | None = None,
         spare_slots: int = 2,
+        spare_rank: int = 4,
         prompt: PromptSettings | None = None,
         resolve: Callable[[str], Path | None] | None = None,
     ) -> None:
@@ -87,7 +92,7 @@ class ClassifierSet:
         for adapter in given:
             adapter.check_base_model(model.name)
         targets = sorted({t for a in given for t in a.target_layers} or DEFAULT_TARGET_LAYERS)
-        rank = max((a.rank for a in given), default=1)
+        rank = max([a.rank for a in given] + [spare_rank if spare_slots else 1])
         self.stack = AdapterStack(
             model.backbone, len(adapters) + 1 + spare_slots, rank, tuple(targets)
         )
@@ -159,7 +164,7 @@ class ClassifierSet:
         message per change or failure. A file that cannot be loaded, or whose sha256 differs,
         leaves the classifier on its current adapter (retried only when the record changes)."""
         messages = []
-        for name in self.members:
+        for name in self._configured:
             spec = overrides.get(name)
             wanted = (spec["lora"], spec.get("sha256")) if spec else None
             if wanted == self._overrides.get(name):
@@ -172,11 +177,7 @@ class ClassifierSet:
             if (name, *wanted) in self._failed:
                 continue
             try:
-                path = self._resolve(wanted[0])
-                adapter = LoraAdapter.load(path, base_model=self.base.name) if path else None
-                if wanted[1] and (adapter is None or adapter.sha256 != wanted[1]):
-                    got = adapter.sha256 if adapter else None
-                    raise ValueError(f"sha256 of {wanted[0]} is {got}, the record says {wanted[1]}")
+                adapter = self._load(*wanted)
                 self.add(name, adapter)
             except Exception as exc:  # a bad file must not stop the worker; say why
                 self._failed.add((name, *wanted))
@@ -189,6 +190,51 @@ class ClassifierSet:
                 f"{name}: now adapter {wanted[0]!r} (sha256 {adapter.sha256 if adapter else None})"
             )
         return messages
+
+    def apply_candidates(self, candidates: Mapping[str, Mapping[str, Any]]) -> list[str]:
+        """Load each classifier's candidate (`{"lora", "sha256"}`, sha256 required) as member
+        `<name>@candidate` in a spare slot, and drop candidates no longer wanted. A candidate
+        that cannot be loaded is left out (its rows are not scored), with a message."""
+        messages = []
+        for base, spec in candidates.items():
+            name, wanted = base + CANDIDATE_SUFFIX, (spec["lora"], spec.get("sha256"))
+            if base not in self._configured or self._overrides.get(name) == wanted:
+                continue
+            if (name, *wanted) in self._failed:
+                continue
+            try:
+                if not wanted[1]:
+                    raise ValueError("a candidate needs its sha256")
+                self.add(name, self._load(*wanted))
+            except Exception as exc:  # a bad file must not stop the worker; say why
+                self._failed.add((name, *wanted))
+                messages.append(f"{name}: candidate {wanted[0]!r} not loaded ({exc})")
+                continue
+            self._overrides[name] = wanted
+            messages.append(f"{name}: scoring candidate {wanted[0]!r} in shadow")
+        for name in [n for n in self.members if n.endswith(CANDIDATE_SUFFIX)]:
+            if name.removesuffix(CANDIDATE_SUFFIX) not in candidates:
+                self.remove(name)
+                self._overrides.pop(name, None)
+                messages.append(f"{name}: candidate withdrawn")
+        return messages
+
+    def remove(self, name: str) -> None:
+        """Drop a classifier added while serving; its slot is zeroed and free again."""
+        if name in self._configured:
+            raise ValueError(f"{name!r} is configured; it can be replaced, not removed")
+        member = self._member(name)
+        self.stack.put(member.slot, None)
+        del self.members[name]
+
+    def _load(self, lora: str, sha256: str | None) -> LoraAdapter | None:
+        """An adapter named by a control record, its sha256 checked before it is used."""
+        path = self._resolve(lora)
+        adapter = LoraAdapter.load(path, base_model=self.base.name) if path else None
+        if sha256 and (adapter is None or adapter.sha256 != sha256):
+            got = adapter.sha256 if adapter else None
+            raise ValueError(f"sha256 of {lora} is {got}, the record says {sha256}")
+        return adapter
 
     # ------------------------------------------------------------------ scoring
     def encode(self, texts: Sequence[str], names: Sequence[str]) -> tuple[EncodedBatch, np.ndarray]:

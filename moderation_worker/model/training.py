@@ -141,8 +141,14 @@ def train_lora(
     config: TrainingConfig = TrainingConfig(),
     verbose: int | str = 1,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    init: LoraAdapter | None = None,
+    time_budget_s: float | None = None,
 ) -> TrainingResult:
     """Enable LoRA on `backbone` and fit it so the label token follows each prompt.
+
+    `init` starts from an adapter's factors (same rank and target layers) instead of a fresh
+    initialisation: the agile loop fine-tunes production further on new labels. Training
+    stops at the first step after `time_budget_s` (`result.extra["stopped_early"]`).
 
     `labels` holds label indices into `encoder.settings.labels`. `verbose=1` shows a Keras
     progress bar per epoch; each batch shape compiles once (at most 128/bucket shapes).
@@ -162,7 +168,15 @@ def train_lora(
     with slot.lock:  # nobody scores through these variables while they are being fitted
         keras.utils.set_random_seed(config.seed)
         slot.start_training(config.rank, config.target_layers, config.seed)
-        return _fit(backbone, encoder, texts, labels, config, verbose, on_epoch)
+        if init is not None:
+            if init.rank != config.rank or set(init.factors) != set(slot.lora_layers()):
+                raise ValueError(
+                    f"cannot start from an adapter of rank {init.rank} on other layers than "
+                    f"rank {config.rank} on {config.target_layers}"
+                )
+            slot.apply(init)
+            slot.mark_modified()  # the fit below changes them; they are init's no longer
+        return _fit(backbone, encoder, texts, labels, config, verbose, on_epoch, time_budget_s)
 
 
 def _fit(
@@ -173,6 +187,7 @@ def _fit(
     config: TrainingConfig,
     verbose: int | str,
     on_epoch: Callable[[int, dict[str, float]], None] | None,
+    time_budget_s: float | None = None,
 ) -> TrainingResult:
     trainable = int(sum(np.prod(v.shape) for v in backbone.trainable_weights))
     if trainable == 0:
@@ -204,6 +219,7 @@ def _fit(
     )
     history: dict[str, list[float]] = {}
     start = time.perf_counter()
+    steps, stopped = 0, False
     for epoch in range(config.epochs):
         bar = keras.utils.Progbar(len(batches), verbose=verbose)
         if verbose:
@@ -217,18 +233,26 @@ def _fit(
             for key, value in values:
                 sums[key] = sums.get(key, 0.0) + value
             bar.update(step + 1, values=values)
-        means = {k: v / len(batches) for k, v in sums.items()}
+            steps += 1
+            if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+                stopped = True
+                break
+        means = {k: v / max(1, step + 1) for k, v in sums.items()}
         for key, value in means.items():
             history.setdefault(key, []).append(value)
         batches.on_epoch_end()
         if on_epoch is not None:
             on_epoch(epoch, means)
+        if stopped:
+            print(f"time budget of {time_budget_s:.0f} s spent: stopped in epoch {epoch + 1}")
+            break
     seconds = time.perf_counter() - start
     return TrainingResult(
         history=history,
         seconds=seconds,
         trainable_parameters=trainable,
-        steps=len(batches) * config.epochs,
+        steps=steps,
+        extra={"stopped_early": stopped},
     )
 
 
@@ -287,6 +311,8 @@ def train_classifier(
     batch_size: int = 8,
     verbose: int | str = 1,
     progress: bool = False,
+    init: LoraAdapter | None = None,
+    time_budget_s: float | None = None,
 ) -> TrainedAdapter:
     """Train a LoRA adapter for a binary prompt, calibrate its threshold, save it.
 
@@ -305,6 +331,8 @@ def train_classifier(
             the metadata; default the chosen operating point (`ThresholdChoice`).
         batch_size: rows per model call when scoring the validation rows.
         verbose: Keras progress bars while training; `progress`: a bar while scoring.
+        init, time_budget_s: start from this adapter; stop training after this long
+            (`train_lora`).
 
     Example:
         >>> trained = train_classifier(base, texts, labels, val_texts, val_labels, out="m")
@@ -320,7 +348,16 @@ def train_classifier(
         raise ValueError("labels must be 0 or 1 (1 = the positive label)")
     indices = np.where(binary == 1, prompt.positive_index, 1 - prompt.positive_index)
     encoder = PromptEncoder(base.tokenizer, prompt)
-    result = train_lora(base.backbone, encoder, texts, indices, config, verbose=verbose)
+    result = train_lora(
+        base.backbone,
+        encoder,
+        texts,
+        indices,
+        config,
+        verbose=verbose,
+        init=init,
+        time_budget_s=time_budget_s,
+    )
     metadata = LoraMetadata(
         base_model=base.name,
         prompt=prompt,
@@ -334,6 +371,8 @@ def train_classifier(
             **(notes or {}),
             "seconds": round(result.seconds, 1),
             "trainable_parameters": result.trainable_parameters,
+            **({"init_sha256": init.sha256} if init is not None else {}),
+            **({"stopped_early": True} if result.extra.get("stopped_early") else {}),
         },
         metrics={"train_history": result.history},
     )

@@ -16,13 +16,10 @@ from typing import Any
 
 import orjson
 
-from moderation_worker.events import utc_now
-from moderation_worker.policy import (
+from moderation_worker.control_records import (
     ControlRecordError,
-    ControlState,
     decode_record,
     parse_key,
-    policy_from_settings,
     record_for_adapter,
     record_for_mode,
     record_for_route,
@@ -30,6 +27,8 @@ from moderation_worker.policy import (
     tombstone,
     validate_record,
 )
+from moderation_worker.events import utc_now
+from moderation_worker.policy import ControlState, policy_from_settings
 from moderation_worker.settings import DEFAULT_CLASSIFIER, Settings
 from moderation_worker.tools.commands import _print_json, _settings
 

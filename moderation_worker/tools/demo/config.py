@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from moderation_worker.policy import record_for_threshold
+from moderation_worker.control_records import record_for_threshold
 from moderation_worker.settings import (
     DEFAULT_LORA,
     DEFAULT_MODEL,
