@@ -14,7 +14,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from moderation_worker.settings import DEFAULT_MODEL  # noqa: E402
-from moderation_worker.tools import control  # noqa: E402
+from moderation_worker.tools import control, loop_curve  # noqa: E402
 from moderation_worker.tools.commands import (  # noqa: E402
     cmd_bench,
     cmd_config,
@@ -178,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="halfway through, publish a threshold change (hate, gaming) to the control topic",
     )
+    p.add_argument(
+        "--loop",
+        action="store_true",
+        help="then one turn of the agile loop on the tiny model (labels -> candidate -> promotion)",
+    )
     p.add_argument("--broker", default=None, help="a real broker URL instead of embedded Tansu")
     p.add_argument("--out", default="runs/demo/verdicts.jsonl", help="verdicts JSONL to write")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for outcomes")
@@ -218,6 +223,7 @@ def _add_control_parser(sub: argparse._SubParsersAction) -> None:
     p = command("clear", control.cmd_control_clear, "remove an override (tombstone)", False)
     p.add_argument("key", help="e.g. threshold/hate/gaming, mode/violence, route/*")
     add_loop_parsers(sub, commands)
+    loop_curve.add_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -362,4 +362,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         config_file=args.config,
     )
-    return run_demo_command(config)
+    code = run_demo_command(config)
+    if code == 0 and args.loop:
+        from moderation_worker.tools.demo.loop_act import run_loop_act
+
+        run_loop_act()
+    return code
