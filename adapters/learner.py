@@ -159,6 +159,37 @@ class Learner:
         value = orjson.dumps(letter.to_dict())
         return await self._producer.send(self.loop.labels_dlq_topic, key=key, value=value)
 
+    async def rebuild(self, timeout_s: float = 120.0) -> int:
+        """A fresh store from the labels topic (read from its beginning, outside the group):
+        the old labels directory is moved aside; returns how many labels were stored."""
+        from adapters.control_topic import _assign_all, _read_to_end
+
+        moved = self.store.reset_labels()
+        log.warning("label store reset for a rebuild", extra={"moved_to": str(moved)})
+        consumer = kafka_consumer(
+            self.settings, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
+        )
+        await consumer.start()
+        good: list[ModeratorLabel] = []
+        sources: list[str] = []
+
+        def keep(m: Any) -> None:
+            try:
+                good.append(parse_label(m.value or b"", self.classifiers))
+                sources.append(f"{m.topic}/{m.partition}@{m.offset}")
+            except InvalidEvent:
+                pass  # it went to the dead-letter topic when it first arrived
+
+        try:
+            deadline = time.monotonic() + timeout_s
+            topic = self.loop.labels_topic
+            tps = await _assign_all(consumer, topic, deadline)
+            await _read_to_end(consumer, tps, keep, deadline, topic)
+        finally:
+            await consumer.stop()
+        self.store.append(good, sources)
+        return len(good)
+
     async def caught_up(self) -> bool:
         assigned = self._consumer.assignment()
         if not assigned:

@@ -181,6 +181,13 @@ async def test_labels_to_shadow_to_promotion_and_rollback_and_a_loser_is_not_pro
                 assert v["classifiers"]["hate"]["lora_sha256"] == sha
                 assert "hate@candidate" not in v["classifiers"]
 
+            # The store can be rebuilt from the topic: the same latest labels.
+            before = learner.store.latest("hate")
+            assert await learner.rebuild() == 800
+            after = learner.store.latest("hate")
+            # (arrival order differs across partitions; per key, one partition keeps it)
+            assert {lb.key: lb for _, lb in after} == {lb.key: lb for _, lb in before}
+
             # A rollback is one record, and the worker is back on the configured zero-shot.
             key, value = rollback_record(learner.store.history("hate"), "hate", by="test")
             offset = await publish_control(settings, topics.control, key, value)

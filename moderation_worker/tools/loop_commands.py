@@ -27,6 +27,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
     async def main() -> list[Any]:
         await learner.start()
         try:
+            if args.rebuild:
+                _stderr(f"rebuilt the label store: {await learner.rebuild()} labels")
             if args.once:
                 return await learner.run_once(force=args.force, timeout_s=args.timeout)
             await learner.run()
@@ -160,6 +162,11 @@ def add_loop_parsers(sub: argparse._SubParsersAction, control: argparse._SubPars
     p.add_argument("--once", action="store_true", help="read the labels, run due cycles, exit")
     p.add_argument("--force", action="store_true", help="with --once: train even if not due")
     p.add_argument("--timeout", type=float, default=120.0, help="--once: reading the labels")
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="first rebuild the label store from the labels topic (old labels moved aside)",
+    )
     p.set_defaults(func=cmd_learn)
 
     group = sub.add_parser("labels", help="publish moderator labels")
