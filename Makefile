@@ -4,13 +4,20 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install lock clean-venv
+.PHONY: demo test install lock clean-venv screenshots browser
 
 demo: $(VENV)/.installed
 	$(BIN)/moderation-worker demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed browser
 	$(BIN)/python -m pytest -q
+
+# The console's browser tests drive the system Chromium (Debian package): installed here when
+# missing, best effort and as root only; without it those tests are skipped, and say why.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get install -y -q chromium >/dev/null 2>&1; } \
+		|| echo "no chromium: the console's browser tests will be skipped"
 
 install: $(VENV)/.installed
 
@@ -26,6 +33,10 @@ lock: $(VENV)/.installed
 	$(BIN)/pip install uv
 	$(BIN)/uv pip compile pyproject.toml --extra test --python-version 3.11 \
 		--python-platform x86_64-manylinux_2_28 -o requirements.lock
+
+# The README's console screenshots, from the browser test (a real broker, worker and Chromium).
+screenshots: $(VENV)/.installed browser
+	MODERATION_SCREENSHOTS=docs/console $(BIN)/python -m pytest -q tests/test_console_browser.py
 
 clean-venv:
 	rm -rf $(VENV)

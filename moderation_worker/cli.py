@@ -25,6 +25,7 @@ from moderation_worker.tools.commands import (  # noqa: E402
     cmd_train,
     cmd_worker,
 )
+from moderation_worker.tools.console import run as console_run  # noqa: E402
 from moderation_worker.tools.loop_commands import add_loop_parsers  # noqa: E402
 
 
@@ -224,6 +225,7 @@ def _add_control_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("key", help="e.g. threshold/hate/gaming, mode/violence, route/*")
     add_loop_parsers(sub, commands)
     loop_curve.add_parser(sub)
+    console_run.add_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

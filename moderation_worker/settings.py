@@ -21,6 +21,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from moderation_worker.console_settings import ConsoleSettings
 from moderation_worker.events import DEFAULT_MAX_DEPTH, DEFAULT_MAX_TEXT_CHARS
 from moderation_worker.loop_settings import LoopSettings
 
@@ -156,6 +157,7 @@ class Settings(BaseSettings):
     spare_classifier_slots: int = Field(2, ge=0, description="adapter slots kept for new LoRAs")
     control_topic: str | None = Field("moderation.control", description="live overrides; ''=none")
     loop: LoopSettings = Field(default_factory=LoopSettings, description="the agile loop")
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings, description="the console")
     max_text_chars: int = Field(DEFAULT_MAX_TEXT_CHARS, ge=1)
     max_event_depth: int = Field(
         DEFAULT_MAX_DEPTH, ge=2, le=200, description="deeper events are dead-lettered (too_deep)"

@@ -363,6 +363,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         config_file=args.config,
     )
     code = run_demo_command(config)
+    if code == 0:
+        print(
+            "\nWatch it live and tune it: `moderation-worker console --config worker.toml` serves "
+            "the moderator console (stream, operating point, review queue) on your cluster; "
+            "with `demo --broker URL` it shows the demo's stream (README, 'The moderator console')."
+        )
     if code == 0 and args.loop:
         from moderation_worker.tools.demo.loop_act import run_loop_act
 
