@@ -14,7 +14,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from moderation_worker.settings import DEFAULT_MODEL  # noqa: E402
-from moderation_worker.tools import control, loop_curve  # noqa: E402
+from moderation_worker.tools import control, cost, loop_curve, recipe_search  # noqa: E402
 from moderation_worker.tools.commands import (  # noqa: E402
     cmd_bench,
     cmd_config,
@@ -30,7 +30,11 @@ from moderation_worker.tools.loop_commands import add_loop_parsers  # noqa: E402
 
 
 def _add_model_args(p: argparse.ArgumentParser, lora_default: str | None = "default") -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="gemma3-270m | preset:NAME | tiny")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="gemma3-270m | preset:NAME | tiny | encoder:PREFIX (train: encoder:minilm)",
+    )
     p.add_argument(
         "--lora",
         default=lora_default,
@@ -63,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--out", required=True, help="output path prefix (writes PREFIX.lora.h5/.json)")
     p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--learning-rate", type=float, default=5e-4)
+    p.add_argument(
+        "--learning-rate", type=float, default=None, help="default 5e-4 (LoRA), 5e-5 (encoder)"
+    )
     p.add_argument("--train-batch-size", type=int, default=2)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument(
@@ -226,6 +232,8 @@ def _add_control_parser(sub: argparse._SubParsersAction) -> None:
     add_loop_parsers(sub, commands)
     loop_curve.add_parser(sub)
     console_run.add_parser(sub)
+    cost.add_parser(sub)
+    recipe_search.add_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,6 +99,69 @@ class SingleClassifierRows:
         return {self.name: self.calibrated_threshold}
 
 
+class CompositeRows:
+    """Several row models as one: each row goes to the model that owns its classifier, so one
+    policy can mix LoRA classifiers on a shared Gemma (a `ClassifierSet`) with, say, a
+    fine-tuned encoder. Calls have the smallest part's batch size."""
+
+    def __init__(self, parts: Sequence[RowModel]) -> None:
+        names = [n for part in parts for n in part.names]
+        if not parts or len(set(names)) != len(names):
+            raise ValueError(f"parts must be non-empty with distinct classifiers, got {names}")
+        self.parts = list(parts)
+        self.batch_size = min(part.batch_size for part in parts)
+
+    @property
+    def names(self) -> tuple[str, ...]:  # live: a part may gain classifiers (candidates)
+        return tuple(n for part in self.parts for n in part.names)
+
+    def _owner(self, name: str) -> RowModel:
+        for part in self.parts:
+            if name in part.names:
+                return part
+        raise KeyError(f"no classifier named {name!r} (have {', '.join(self.names)})")
+
+    def predict_rows(self, texts: Sequence[str], names: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(texts), 2), dtype=np.float32)
+        for part in self.parts:
+            rows = [i for i, n in enumerate(names) if n in part.names]
+            if rows:
+                out[rows] = part.predict_rows([texts[i] for i in rows], [names[i] for i in rows])
+        unknown = set(names) - set(self.names)
+        if unknown:
+            raise KeyError(f"no classifier named {sorted(unknown)[0]!r}")
+        return out
+
+    def identity_of(self, name: str) -> ModelIdentity:
+        return self._owner(name).identity_of(name)
+
+    def labels_of(self, name: str) -> tuple[str, str]:
+        return self._owner(name).labels_of(name)
+
+    def canary_rows(self) -> list[tuple[str, str]]:
+        return [row for part in self.parts for row in part.canary_rows()]
+
+    def calibrated_thresholds(self) -> dict[str, float | None]:
+        return {k: v for part in self.parts for k, v in part.calibrated_thresholds().items()}
+
+    def apply_overrides(self, overrides: Mapping[str, Any]) -> list[str]:
+        return self._each("apply_overrides", overrides)
+
+    def apply_candidates(self, candidates: Mapping[str, Any]) -> list[str]:
+        return self._each("apply_candidates", candidates)
+
+    def _each(self, method: str, specs: Mapping[str, Any]) -> list[str]:
+        messages: list[str] = []
+        for part in self.parts:
+            apply = getattr(part, method, None)
+            mine = {k: v for k, v in specs.items() if k in part.names}
+            if apply is not None:
+                messages += apply(mine)
+            else:
+                messages += [f"{k}: this classifier cannot swap weights live" for k in mine]
+        return messages
+
+
 def as_row_model(model: Any, name: str = "hate") -> RowModel:
     """`model` itself when it scores rows (a `ClassifierSet`), else wrapped as one classifier."""
     return model if hasattr(model, "predict_rows") else SingleClassifierRows(model, name)

@@ -78,7 +78,7 @@ async def test_the_console_in_a_real_browser(
     await create_topics(broker, [topics.input], partitions=2)
     env = worker_env(broker, topics, partitions=2, classifiers='[{"name": "hate"}]')
     worker = spawn_worker(env, scorer=SCORER)
-    worker.wait_ready()
+    worker.wait_ready(timeout=120)  # a busy CI machine starts slowly
     settings = Settings(
         broker_url=broker.url,
         topic_replication_factor=1,

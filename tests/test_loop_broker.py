@@ -127,7 +127,7 @@ async def test_labels_to_shadow_to_promotion_and_rollback_and_a_loser_is_not_pro
     worker = WorkerProcess(env, log, free_port(), command=command, cwd=REPO_ROOT)
     worker.start()
     try:
-        worker.wait_ready()
+        worker.wait_ready(timeout=120)  # a busy CI machine starts slowly
         learner = Learner(settings)
         await learner.start()
         try:

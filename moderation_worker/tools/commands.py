@@ -57,6 +57,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from moderation_worker.tools.evaluation import evaluate
 
     splits = load_splits(args.data, args.validation_rows, args.seed)
+    if args.model.startswith("encoder:"):
+        from moderation_worker.tools.encoder_commands import train_encoder_command
+
+        return train_encoder_command(args, splits)
     train = (
         splits.train if args.train_rows is None else splits.train.take(slice(0, args.train_rows))
     )
@@ -72,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit("train: the ETHOS/CSV loaders give binary labels; use exactly two labels")
     config = TrainingConfig(
         rank=args.rank,
-        learning_rate=args.learning_rate,
+        learning_rate=args.learning_rate or 5e-4,
         batch_size=args.train_batch_size,
         epochs=args.epochs,
         seed=args.seed,

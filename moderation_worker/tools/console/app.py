@@ -30,6 +30,7 @@ CSP = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' d
 USER = web.AppKey("user_of", dict)
 FEED = web.AppKey("feed", ConsoleFeed)
 CONFIG = web.AppKey("settings", Settings)
+USER_KEY = web.RequestKey("user", str)
 
 
 def tokens(settings: Settings) -> dict[str, str]:
@@ -64,7 +65,7 @@ async def gate(request: web.Request, handler: Any) -> web.StreamResponse:
                 response = web.FileResponse(STATIC / "login.html", status=401)
             _secure(response)
             return response
-        request["user"] = user
+        request[USER_KEY] = user
     response = await handler(request)
     _secure(response)
     return response
@@ -111,7 +112,7 @@ async def overview(request: web.Request) -> web.Response:
     state = feed.state
     return web.json_response(
         {
-            "user": request["user"],
+            "user": request[USER_KEY],
             "classifiers": _classifiers(request),
             "policy": feed.policy().to_dict(),
             "rates": state.rates(),
@@ -197,7 +198,7 @@ async def set_threshold(request: web.Request) -> web.Response:
     reason = data.get("reason") or None
     try:
         result = await request.app[FEED].publish_threshold(
-            request["user"], str(data.get("classifier", "")), _threshold(data.get("threshold")),
+            request[USER_KEY], str(data.get("classifier", "")), _threshold(data.get("threshold")),
             community if isinstance(community, str) else None,
             reason[:2000] if isinstance(reason, str) else None,
         )  # fmt: skip
@@ -216,7 +217,7 @@ async def give_label(request: web.Request) -> web.Response:
         return web.json_response({"error": "unknown classifier or bad id"}, status=400)
     try:
         result = await request.app[FEED].publish_label(
-            request["user"], classifier, comment_id, int(label)
+            request[USER_KEY], classifier, comment_id, int(label)
         )
     except LookupError as exc:
         return web.json_response({"error": str(exc)}, status=404)
