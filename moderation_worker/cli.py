@@ -14,7 +14,13 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from moderation_worker.settings import DEFAULT_MODEL  # noqa: E402
-from moderation_worker.tools import control, cost, loop_curve, recipe_search  # noqa: E402
+from moderation_worker.tools import (  # noqa: E402
+    control,
+    cost,
+    loop_curve,
+    per_label,
+    recipe_search,
+)
 from moderation_worker.tools.commands import (  # noqa: E402
     cmd_bench,
     cmd_config,
@@ -234,6 +240,7 @@ def _add_control_parser(sub: argparse._SubParsersAction) -> None:
     console_run.add_parser(sub)
     cost.add_parser(sub)
     recipe_search.add_parser(sub)
+    per_label.add_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,3 +75,22 @@ def test_prices_without_a_date_a_source_or_a_positive_price_are_refused(
 ) -> None:
     with pytest.raises(ValueError):
         prices(tmp_path, text)
+
+
+def test_per_label_metrics_and_entry_expansion() -> None:
+    import numpy as np
+
+    from moderation_worker.tools.per_label import expand, metrics_at
+
+    y = np.array([1, 1, 0, 0, 1])
+    p = np.array([0.9, 0.4, 0.6, 0.1, 0.8])
+    m = metrics_at(y, p, 0.5)  # tp 2, fp 1, fn 1
+    assert (m["precision"], m["recall"], m["support"]) == (2 / 3, 2 / 3, 3)
+    assert m["f1"] == pytest.approx(2 / 3)
+    rows = expand(["enc={category}=encoder:runs/e-{category}", "g=race=gemma3-270m@x"],
+                  ("race", "gender"))  # fmt: skip
+    assert rows == [
+        ("enc", "race", "encoder:runs/e-race"),
+        ("enc", "gender", "encoder:runs/e-gender"),
+        ("g", "race", "gemma3-270m@x"),
+    ]

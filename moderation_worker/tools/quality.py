@@ -65,7 +65,8 @@ def score_entry(entry: Entry, splits: Splits, batch_size: int = 8):
     from moderation_worker.model.sources import build_classifier
 
     clf = build_classifier(entry.model, entry.lora or "none", batch_size=batch_size)
-    train_rows = clf.lora.training.get("train_rows") if clf.lora else 0
+    meta = getattr(clf, "lora", None) or getattr(clf, "metadata", None)  # LoRA or encoder
+    train_rows = meta.training.get("train_rows", 0) if meta is not None else 0
     print(f"[quality] scoring {entry.name} ({clf.identity.base_model})", file=sys.stderr)
     p_val = clf.p_positive(splits.validation.texts, progress=True)
     p_test = clf.p_positive(splits.test.texts, progress=True)
