@@ -86,3 +86,20 @@ async def test_an_encoder_and_a_lora_classifier_in_one_policy(
         assert set(v["classifiers"]) == {"hate", "encoder"}
         assert v["classifiers"]["encoder"]["mode"] == "shadow" and v["primary"] == "hate"
         assert v["classifiers"]["hate"]["lora_sha256"] is None
+
+
+def test_score_runs_the_encoder_like_the_gemma_classifier(
+    tmp_path: Path, encoder_prefix: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from moderation_worker.cli import main
+
+    comments = tmp_path / "comments.jsonl"
+    comments.write_text('{"id": "a", "text": "you are awful today"}\n{"id": "b", "text": ""}\n')
+    assert main(["score", "--model", f"encoder:{encoder_prefix}", str(comments)]) == 0
+    out = capsys.readouterr()
+    (verdict,) = [orjson.loads(line) for line in out.out.splitlines() if line]
+    assert verdict["id"] == "a" and verdict["model"]["base_model"] == "tiny-bert:0"
+    assert "empty_text" in out.err + out.out  # the empty comment is a dead letter, not a crash
+    bad = ["score", "--model", f"encoder:{encoder_prefix}", "--lora", "x.lora.h5", str(comments)]
+    assert main(bad) == 2
+    assert "takes no LoRA weights" in capsys.readouterr().err
