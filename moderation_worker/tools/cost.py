@@ -175,9 +175,15 @@ def build_rows(measured: list[Measured], prices: Prices, utilisation: float,
     return rows
 
 
-def render(rows: list[dict[str, Any]], measured: list[Measured], prices: Prices,
-           headroom: float, command: str) -> str:  # fmt: skip
-    cur = prices.currency
+def render(
+    rows: list[dict[str, Any]],
+    measured: list[Measured],
+    prices: Prices,
+    headroom: float,
+    command: str,
+    quality: dict[str, Any] | None = None,
+) -> str:
+    cur, quality = prices.currency, quality or {}
     lines = [
         f"Prices: {prices.source}, taken {prices.taken_on} ({cur}); inputs, not facts. "
         f"Machines sized at {headroom:.0%} of their rate (room for peaks).",
@@ -196,13 +202,35 @@ def render(rows: list[dict[str, Any]], measured: list[Measured], prices: Prices,
     for api, per_call in prices.apis.items():
         lines.append(f"| `{api}` (hosted) | – | – | price per call | – | "
                      f"{per_call * 1e6:.2f} |" + " – |" * len(prices.apis))  # fmt: skip
-    lines += ["", "| model | weights in memory | shipped per classifier | training time |",
-              "|---|---:|---:|---:|"]  # fmt: skip
+    lines += ["", "| model | test F1 [95% CI] | test ROC-AUC [95% CI] | comments/s here | "
+              "weights in memory | shipped per classifier | training time |",
+              "|---|---|---|---:|---:|---:|---:|"]  # fmt: skip
     for m in measured:
-        shipped = f"{m.shipped_bytes / 2**20:.2f} MiB" if m.shipped_bytes else "–"
+        shipped = f"{m.shipped_bytes / 2**20:.2f} MiB" if m.shipped_bytes else "– (none)"
         train = f"{m.train_seconds:.0f} s" if m.train_seconds else "–"
-        lines.append(f"| {m.name} | {m.param_bytes / 2**20:.0f} MiB | {shipped} | {train} |")
+        f1, auc = _quality_cells(quality.get(m.name))
+        lines.append(f"| {m.name} | {f1} | {auc} | {m.comments_per_s:.1f} | "
+                     f"{m.param_bytes / 2**20:.1f} MiB | {shipped} | {train} |")  # fmt: skip
     return "\n".join(lines) + f"\n\nMade by `{command}`.\n"
+
+
+def _quality_cells(entry: dict[str, Any] | None) -> tuple[str, str]:
+    if not entry:
+        return "–", "–"
+    cells = []
+    for metric in ("f1", "roc_auc"):
+        ci = entry["bootstrap"][metric]
+        cells.append(f"{ci['estimate']:.3f} [{ci['low']:.2f}, {ci['high']:.2f}]")
+    return cells[0], cells[1]
+
+
+def read_quality(path: str | Path | None) -> dict[str, Any]:
+    """`quality.json` entries by name (the F1/ROC-AUC intervals for the table), or {}."""
+    if path is None:
+        return {}
+    import json
+
+    return {e["name"]: e for e in json.loads(Path(path).read_text())["entries"]}
 
 
 def plot(rows: list[dict[str, Any]], prices: Prices, headroom: float, path: Path) -> Path:
@@ -248,7 +276,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "moderation-worker " + shlex.join(sys.argv[1:])
-    (out / "COST.md").write_text(render(rows, measured, prices, args.headroom, command))
+    quality = read_quality(args.quality)
+    (out / "COST.md").write_text(render(rows, measured, prices, args.headroom, command, quality))
     (out / "cost.json").write_text(json.dumps(
         {"prices": prices.__dict__, "rows": rows, "measured": [m.__dict__ for m in measured]},
         indent=1, default=str))  # fmt: skip
@@ -269,5 +298,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-utilisation", type=float, default=0.3,
                    help="share of a GPU's peak assumed for derived rates")  # fmt: skip
     p.add_argument("--headroom", type=float, default=0.5, help="machines run at this share")
+    p.add_argument("--quality", default=None, help="a quality.json: F1/ROC-AUC by entry name")
     p.add_argument("--out", default="reports/cost")
     p.set_defaults(func=cmd_cost)
