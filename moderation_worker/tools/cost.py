@@ -109,7 +109,7 @@ def measure(
     backbone = getattr(getattr(clf, "base", None), "backbone", None)
     weights = backbone.weights if backbone is not None else clf.model.weights
     adapter = getattr(clf, "adapter", None)
-    path = getattr(adapter, "path", None) or getattr(clf, "weights_path", None)
+    path = getattr(adapter, "path", None) or getattr(clf, "path", None)  # LoRA, or encoder
     shipped = Path(path).stat().st_size if path else None
     meta = getattr(clf, "lora", None) or getattr(clf, "metadata", None)
     training = getattr(meta, "training", None) or (meta or {}).get("training") if meta else None
@@ -203,11 +203,11 @@ def render(
         lines.append(f"| `{api}` (hosted) | – | – | price per call | – | "
                      f"{per_call * 1e6:.2f} |" + " – |" * len(prices.apis))  # fmt: skip
     lines += ["", "| model | test F1 [95% CI] | test ROC-AUC [95% CI] | comments/s here | "
-              "weights in memory | shipped per classifier | training time |",
+              "weights in memory | shipped per classifier | training time (its metadata) |",
               "|---|---|---|---:|---:|---:|---:|"]  # fmt: skip
     for m in measured:
         shipped = f"{m.shipped_bytes / 2**20:.2f} MiB" if m.shipped_bytes else "– (none)"
-        train = f"{m.train_seconds:.0f} s" if m.train_seconds else "–"
+        train = "–" if m.train_seconds is None else f"{m.train_seconds:.1f} s"
         f1, auc = _quality_cells(quality.get(m.name))
         lines.append(f"| {m.name} | {f1} | {auc} | {m.comments_per_s:.1f} | "
                      f"{m.param_bytes / 2**20:.1f} MiB | {shipped} | {train} |")  # fmt: skip
