@@ -103,3 +103,16 @@ def test_score_runs_the_encoder_like_the_gemma_classifier(
     bad = ["score", "--model", f"encoder:{encoder_prefix}", "--lora", "x.lora.h5", str(comments)]
     assert main(bad) == 2
     assert "takes no LoRA weights" in capsys.readouterr().err
+
+
+def test_evaluate_runs_the_encoder(tmp_path: Path, encoder_prefix: Path) -> None:
+    from moderation_worker.cli import main
+
+    rows = [("you are awful today", 1), ("you are lovely today", 0)] * 30
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    out = tmp_path / "eval"
+    args = ["evaluate", "--model", f"encoder:{encoder_prefix}", "--data", str(data)]
+    assert main([*args, "--out", str(out)]) == 0
+    report = orjson.loads((out / "report.json").read_bytes())
+    assert report["model"]["base_model"] == "tiny-bert:0" and report["roc_auc"] > 0.9

@@ -333,6 +333,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"command": shell_command(sys.argv[1:])}
     if args.out:  # else BENCHMARKS.md, or a temporary file for --quick (never the real table)
         overrides["out"] = Path(args.out)
+    if args.model and args.model.startswith("encoder:"):
+        print(
+            "bench: its sections measure the Gemma scoring paths (label head, per-row LoRA, "
+            "prefix cache); measure an encoder beside the Gemma classifiers, on the same texts, "
+            "with `moderation-worker cost --entry enc=encoder:PREFIX --entry …`",
+            file=sys.stderr,
+        )
+        return 2
     if args.model:
         overrides["model"] = args.model
     if args.batch_sizes:
