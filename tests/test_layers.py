@@ -3,7 +3,7 @@
 Layers, lowest first: the runtime core (`moderation_worker/*.py`: events, batching, pipeline,
 verdicts, settings, thresholds; no Kafka, no files, no processes), the model package
 (`moderation_worker/model/`), the agile loop (`moderation_worker/loop/`: labels, their store,
-candidate training, promotion; files but no Kafka), the edges (`adapters/`), the tools
+the promotion rule; files but no Kafka or model), the edges (`adapters/`), the tools
 (`moderation_worker/tools/`, `tools/`, the CLI). A module may import its own layer and the ones
 below, never above; every import counts, including those inside functions.
 """

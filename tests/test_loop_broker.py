@@ -20,12 +20,12 @@ import orjson
 import pytest
 
 from adapters.control_topic import publish_control, read_control
-from adapters.learner import Learner
 from adapters.tansu import free_port
-from moderation_worker.loop.coordinator import rollback_record
 from moderation_worker.loop.labels import ModeratorLabel, label_record
 from moderation_worker.loop_settings import LoopSettings
 from moderation_worker.settings import ClassifierConfig, Settings
+from moderation_worker.tools.learning.coordinator import rollback_record
+from moderation_worker.tools.learning.learner import Learner
 from moderation_worker.tools.worker_process import WorkerProcess
 from tests.fixtures_broker import (
     REPO_ROOT,

@@ -1,6 +1,5 @@
-"""The agile loop: moderator labels in, a candidate adapter out, promoted only when it wins.
-
-A layer of its own between the model package and the edges: it trains and scores through
-`moderation_worker.model`, keeps labels in files, and decides promotions, but never speaks
-Kafka (`adapters/learner.py` does, and runs it in the `moderation-worker learn` process).
+"""The agile loop's Kafka-free and model-free pieces: a moderator's label and its validation
+(`labels`), the durable label store (`store`), and the rule that decides a promotion
+(`promotion`). The learner process that trains and publishes with them is a tool
+(`moderation_worker/tools/learning/`), like the console that sends labels.
 """

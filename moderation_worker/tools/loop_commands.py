@@ -18,7 +18,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     import logging.config
 
     from adapters.jsonlog import logging_config
-    from adapters.learner import Learner
+    from moderation_worker.tools.learning.learner import Learner
 
     settings = _settings(args)
     logging.config.dictConfig(logging_config(settings.log_level))
@@ -108,9 +108,9 @@ def _control_state(settings: Any) -> Any:
 
 def cmd_control_promote(args: argparse.Namespace) -> int:
     """A person promotes the candidate waiting in shadow (whatever the comparison said)."""
-    from moderation_worker.loop.coordinator import promote
     from moderation_worker.loop.store import LabelStore
     from moderation_worker.tools.control import _by, _run
+    from moderation_worker.tools.learning.coordinator import promote
 
     settings = _settings(args)
     store = LabelStore(settings.loop.store_dir)
@@ -125,9 +125,9 @@ def cmd_control_promote(args: argparse.Namespace) -> int:
 
 def cmd_control_rollback(args: argparse.Namespace) -> int:
     """Put back what the last promotion replaced: one control record."""
-    from moderation_worker.loop.coordinator import rollback_record
     from moderation_worker.loop.store import LabelStore
     from moderation_worker.tools.control import _by, _run
+    from moderation_worker.tools.learning.coordinator import rollback_record
 
     settings = _settings(args)
     store = LabelStore(settings.loop.store_dir)

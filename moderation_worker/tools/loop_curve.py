@@ -37,12 +37,12 @@ def _production_scores(learner: Any, texts: list[str]) -> tuple[np.ndarray, floa
 
 async def _replay(args: argparse.Namespace, broker_url: str) -> list[dict[str, Any]]:
     from adapters.kafka_admin import create_topics, kafka_producer
-    from adapters.learner import Learner
     from moderation_worker.loop.labels import ModeratorLabel, label_record
     from moderation_worker.loop_settings import LoopSettings
     from moderation_worker.settings import ClassifierConfig, Settings
     from moderation_worker.tools.data import load_splits
     from moderation_worker.tools.evaluation import bootstrap_ci
+    from moderation_worker.tools.learning.learner import Learner
 
     splits = load_splits(args.data, validation_rows=args.validation_rows)
     train = list(zip(splits.train.texts, splits.train.labels, strict=True))

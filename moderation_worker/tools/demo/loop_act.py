@@ -38,10 +38,10 @@ def made_up_labels(n: int, seed: int = 1) -> list[Any]:
 async def _act(broker_url: str, store: Path, say: Any) -> dict[str, Any]:
     from adapters.control_topic import read_control
     from adapters.kafka_admin import create_topics, kafka_producer
-    from adapters.learner import Learner
     from moderation_worker.loop.labels import label_record
     from moderation_worker.loop_settings import LoopSettings
     from moderation_worker.settings import ClassifierConfig, Settings
+    from moderation_worker.tools.learning.learner import Learner
 
     settings = Settings(
         broker_url=broker_url,

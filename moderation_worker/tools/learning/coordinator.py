@@ -26,13 +26,13 @@ from moderation_worker.control_records import (
     record_for_candidate,
     tombstone,
 )
-from moderation_worker.loop.cycle import CycleResult, Production, run_cycle
 from moderation_worker.loop.store import LabelStore
 from moderation_worker.loop_settings import LoopSettings
 from moderation_worker.model.classifier import LoadedModel
 from moderation_worker.model.lora import LoraAdapter
 from moderation_worker.model.prompts import PromptSettings
 from moderation_worker.policy import PolicyState
+from moderation_worker.tools.learning.cycle import CycleResult, Production, run_cycle
 
 LEARNER = "learner"
 

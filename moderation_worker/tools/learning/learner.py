@@ -22,7 +22,6 @@ from adapters.control_topic import ControlTopicReader, publish_control
 from adapters.kafka_admin import create_topics, kafka_consumer, kafka_producer
 from moderation_worker.control_records import Record
 from moderation_worker.events import DeadLetter, InvalidEvent, SourcePosition
-from moderation_worker.loop.coordinator import LoopCoordinator
 from moderation_worker.loop.labels import ModeratorLabel, parse_label
 from moderation_worker.loop.store import LabelStore, TrainingLocked
 from moderation_worker.model.lora import LoraAdapter
@@ -30,6 +29,7 @@ from moderation_worker.model.prompts import PromptSettings
 from moderation_worker.model.sources import load_model_source, resolve_lora
 from moderation_worker.policy import ControlState, policy_from_settings
 from moderation_worker.settings import DEFAULT_CLASSIFIER, Settings
+from moderation_worker.tools.learning.coordinator import LoopCoordinator
 
 log = logging.getLogger("moderation_worker.learner")
 
