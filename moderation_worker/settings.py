@@ -24,6 +24,7 @@ from pydantic_settings import (
 from moderation_worker.console_settings import ConsoleSettings
 from moderation_worker.events import DEFAULT_MAX_DEPTH, DEFAULT_MAX_TEXT_CHARS
 from moderation_worker.loop_settings import LoopSettings
+from moderation_worker.speed_settings import SpeedSettings
 
 CONFIG_FILE_ENV = "MODERATION_CONFIG_FILE"
 DEFAULT_MODEL = "gemma3-270m"
@@ -41,9 +42,7 @@ class ClassifierConfig(BaseModel):
     lora: str = Field(DEFAULT_LORA, description="its .lora.h5 file, or 'default' (shipped)")
     mode: Literal["enforce", "shadow"] = Field("enforce", description="shadow: never decides")
     threshold: float | None = Field(None, ge=0.0, le=1.0, description="for every community")
-    community_thresholds: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
-        default_factory=dict, description="community -> threshold, before `threshold`"
-    )
+    community_thresholds: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] = {}  # first
 
 
 def check_community(community: Any) -> str:
@@ -158,6 +157,7 @@ class Settings(BaseSettings):
     control_topic: str | None = Field("moderation.control", description="live overrides; ''=none")
     loop: LoopSettings = Field(default_factory=LoopSettings, description="the agile loop")
     console: ConsoleSettings = Field(default_factory=ConsoleSettings, description="the console")
+    speed: SpeedSettings = Field(default_factory=SpeedSettings, description="speed knobs")
     max_text_chars: int = Field(DEFAULT_MAX_TEXT_CHARS, ge=1)
     max_event_depth: int = Field(
         DEFAULT_MAX_DEPTH, ge=2, le=200, description="deeper events are dead-lettered (too_deep)"
