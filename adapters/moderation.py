@@ -265,6 +265,7 @@ class Moderation:
             retry_backoff_s=s.model_retry_backoff_s,
             model_timeout_s=s.model_timeout_s,
             publish_timeout_s=s.publish_timeout_s,
+            batch_by_length=s.speed.batch_by_length,
         )
         return self.pipeline
 

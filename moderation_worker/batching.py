@@ -15,7 +15,7 @@ enough. The batch step is `processor.BatchProcessor`; the async driver `pipeline
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -141,6 +141,7 @@ class Batch(Generic[H]):
     opened_at: float = 0.0
     n_scorable: int = 0
     closed_by: str = ""  # "full", "deadline" or "drain", for metrics and logs
+    bucket: int | None = None  # the length queue it came from (`BucketedBatcher`), if any
 
     def __len__(self) -> int:
         return len(self.events)
@@ -200,10 +201,124 @@ class Batcher(Generic[H]):
         """Whatever is open, regardless of the deadline (used when stopping cleanly)."""
         return self._close("drain") if self._open is not None else None
 
+    def oldest(self) -> float:
+        """When the oldest waiting event arrived (inf when nothing waits)."""
+        return self._open.events[0].received_at if self._open is not None else float("inf")
+
+    def pop_oldest(self) -> InputEvent[H]:
+        """Take the oldest waiting event out (to top up a longer batch); the open batch keeps
+        its deadline, so what stays never waits longer than it would have."""
+        assert self._open is not None
+        event = self._open.events.pop(0)
+        self._open.n_scorable -= event.scorable
+        if not self._open.events:
+            self._open = None
+        return event
+
     def _close(self, why: str) -> Batch[H]:
         batch, self._open = self._open, None
         assert batch is not None
         batch.closed_by = why
+        return batch
+
+
+class BucketedBatcher(Generic[H]):
+    """One `Batcher` per length bucket, so a long comment does not stretch short ones to its
+    length: a batch is cut to the longest prompt it holds, and the model's cost grows with it.
+
+    `bucket_of(event)` names an event's queue (the compiled length its prompt needs; None for
+    an event with no model row, which rides in the shortest open queue). Each queue keeps the
+    size-or-deadline rule. A batch closed by its deadline with rows to spare is topped up with
+    the oldest waiting rows of *shorter* queues: they fit its shape exactly, and the padding
+    rows it would otherwise compute are real work instead. Batches may now finish in another
+    order than their events arrived; `ordered_acks.AckLedger` keeps acknowledgements in
+    arrival order per partition.
+
+    Example:
+        batcher = BucketedBatcher(8, 0.2, bucket_of=model_length_of)
+        full = batcher.add(event, now)  # a Batch of one bucket when it filled up
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        max_wait_s: float,
+        bucket_of: Callable[[InputEvent[H]], int | None],
+        max_events: int | None = None,
+    ) -> None:
+        self.batch_size = batch_size
+        self.max_wait_s = max_wait_s
+        self.bucket_of = bucket_of
+        self._max_events = max_events
+        self._queues: dict[int | None, Batcher[H]] = {}
+        Batcher(batch_size, max_wait_s, max_events)  # validates the arguments once
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def _queue(self, bucket: int | None) -> Batcher[H]:
+        if bucket is None:  # no model row: join the shortest queue with something open
+            open_ = sorted(b for b, q in self._queues.items() if len(q) and b is not None)
+            bucket = open_[0] if open_ else None
+        queue = self._queues.get(bucket)
+        if queue is None:
+            queue = self._queues[bucket] = Batcher(
+                self.batch_size, self.max_wait_s, self._max_events
+            )
+        return queue
+
+    def add(self, event: InputEvent[H], now: float) -> Batch[H] | None:
+        """Add one event to its length queue; return that queue's batch if it filled."""
+        bucket = self.bucket_of(event) if event.scorable else None
+        queue = self._queue(bucket)
+        full = queue.add(event, now)
+        if full is not None:
+            full.bucket = self._bucket_of_queue(queue)
+        return full
+
+    def _bucket_of_queue(self, queue: Batcher[H]) -> int | None:
+        return next(b for b, q in self._queues.items() if q is queue)
+
+    def deadline(self) -> float | None:
+        """The earliest deadline of any open queue."""
+        deadlines = [d for q in self._queues.values() if (d := q.deadline()) is not None]
+        return min(deadlines, default=None)
+
+    def take_due(self, now: float) -> Batch[H] | None:
+        """The overdue batch that waited longest, topped up from shorter queues."""
+        due = [(d, b) for b, q in self._queues.items() if (d := q.deadline()) is not None]
+        due = [(d, b) for d, b in due if now >= d]
+        if not due:
+            return None
+        _, bucket = min(due, key=lambda item: item[0])
+        batch = self._queues[bucket].take_due(now)
+        assert batch is not None
+        return self._top_up(batch, bucket)
+
+    def drain(self) -> Batch[H] | None:
+        """The open batch that waited longest, regardless of deadlines (clean stops)."""
+        open_ = [(q.oldest(), b) for b, q in self._queues.items() if len(q)]
+        if not open_:
+            return None
+        _, bucket = min(open_, key=lambda item: item[0])
+        batch = self._queues[bucket].drain()
+        assert batch is not None
+        return self._top_up(batch, bucket)
+
+    def _top_up(self, batch: Batch[H], bucket: int | None) -> Batch[H]:
+        """Fill a partial batch's spare rows with the oldest rows waiting in shorter queues
+        (oldest first, so the acknowledgements they hold back go out soonest)."""
+        batch.bucket = bucket
+        if bucket is None:
+            return batch
+        shorter = [q for b, q in self._queues.items() if b is not None and b < bucket]
+        while batch.n_scorable < self.batch_size:
+            waiting = [q for q in shorter if len(q)]
+            if not waiting:
+                break
+            moved = min(waiting, key=lambda q: q.oldest()).pop_oldest()
+            batch.events.append(moved)
+            batch.n_scorable += moved.scorable
         return batch
 
 

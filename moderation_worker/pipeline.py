@@ -17,7 +17,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any, Generic, Protocol, TypeVar
 
-from moderation_worker.batching import Batch, Batcher, InputEvent, Outcome
+from moderation_worker.batching import Batch, Batcher, BucketedBatcher, InputEvent, Outcome
+from moderation_worker.ordered_acks import AckLedger
 from moderation_worker.processor import BatchProcessor, BatchResult, ModelUnavailable
 
 log = logging.getLogger("moderation_worker.batching")
@@ -68,7 +69,9 @@ class BatchPipeline(Generic[H]):
 
     `submit()` is called by the consumer loop for each record (it waits when a full batch is
     already queued: backpressure); `run()` is the flusher task. At most one batch is scored at a
-    time, so acknowledgements leave in arrival order.
+    time. With `batch_by_length` (and a model with length buckets) rows wait in one queue per
+    bucket, so batches may finish out of arrival order; an `AckLedger` still releases
+    acknowledgements in arrival order per partition.
 
     Args:
         processor: the batch step, run in `executor`.
@@ -81,6 +84,7 @@ class BatchPipeline(Generic[H]):
         model_timeout_s: a batch's model step taking longer fails the pipeline (a hung model
             must not hold partitions while health says ready); None waits forever.
         publish_timeout_s: the same for publishing a batch's outcomes (a stalled broker).
+        batch_by_length: one queue per length bucket when the processor's model has buckets.
     """
 
     def __init__(
@@ -98,11 +102,19 @@ class BatchPipeline(Generic[H]):
         max_ready: int = 1,
         model_timeout_s: float | None = None,
         publish_timeout_s: float | None = None,
+        batch_by_length: bool = True,
     ) -> None:
         self.processor = processor
         self.sink = sink
         self._ack = ack
-        self.batcher: Batcher[H] = Batcher(processor.batch_size, max_wait_s)
+        self.batcher: Batcher[H] | BucketedBatcher[H]
+        if batch_by_length and len(processor.length_buckets()) > 1:
+            self.batcher = BucketedBatcher(
+                processor.batch_size, max_wait_s, bucket_of=processor.length_bucket
+            )
+        else:
+            self.batcher = Batcher(processor.batch_size, max_wait_s)
+        self._ledger: AckLedger[H] = AckLedger()
         self.executor = executor
         self.observer = observer
         self.clock = clock
@@ -133,6 +145,7 @@ class BatchPipeline(Generic[H]):
         self._raise_if_failed()
         if self.observer is not None:
             self.observer.on_event(event)
+        self._ledger.admit(event)
         was_empty = len(self.batcher) == 0
         full = self.batcher.add(event, self.clock())
         if full is not None:
@@ -207,7 +220,7 @@ class BatchPipeline(Generic[H]):
                 "publish_failed",
             ) from exc
         published_at = self.clock()
-        for event in batch.events:  # arrival order, so per-partition offsets ack in order
+        for event in self._ledger.finish(batch.events):  # arrival order per partition
             maybe = self._ack(event)
             if asyncio.iscoroutine(maybe) or isinstance(maybe, asyncio.Future):
                 await maybe

@@ -150,6 +150,18 @@ class BatchProcessor:
                 result.outcomes.append(by_event[id(event)])
         return result
 
+    def length_buckets(self) -> tuple[int, ...]:
+        """The model's compiled sequence lengths (empty when it has no length buckets)."""
+        return tuple(getattr(self.model, "length_buckets", ()) or ())
+
+    def length_bucket(self, event: InputEvent[Any]) -> int | None:
+        """The compiled length `event`'s rows need (None: no model row, or no buckets), so
+        the pipeline can queue it with comments of its length."""
+        length_of = getattr(self.model, "length_bucket", None)
+        if event.comment is None or length_of is None:
+            return None
+        return int(length_of(event.comment.text))
+
     def _sync_adapters(self, state: PolicyState) -> None:
         """Adapter overrides from the control topic, applied at this batch boundary (a model
         that cannot swap adapters ignores them)."""

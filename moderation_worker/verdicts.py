@@ -70,6 +70,9 @@ class SingleClassifierRows:
         self.batch_size = model.batch_size
         self._positive = model.labels.index(model.positive_label)
         self.calibrated_threshold = getattr(model, "calibrated_threshold", None)
+        self.length_buckets: tuple[int, ...] = tuple(getattr(model, "length_buckets", ()) or ())
+        if hasattr(model, "length_bucket"):
+            self.length_bucket = model.length_bucket  # the compiled length a text needs
 
     def predict_rows(self, texts: Sequence[str], names: Sequence[str]) -> np.ndarray:
         unknown = set(names) - {self.name}

@@ -133,6 +133,10 @@ class AgileClassifier:
             out[start : start + len(chunk)] = probs[: len(chunk)]
         return out
 
+    def length_bucket(self, text: str) -> int:
+        """The compiled length `text`'s prompt needs: the smallest bucket that holds it."""
+        return bucket_for(len(self.encoder.encode_ids(text)[0]), self.length_buckets)
+
     def canary_texts(self) -> list[str]:
         """One harmless text per compiled shape (length bucket), shortest first.
 
@@ -155,6 +159,11 @@ class AgileClassifier:
     def predict(self, texts: Sequence[str]) -> np.ndarray:
         """Boolean decisions: p(positive label) >= threshold."""
         return self.p_positive(texts) >= self.threshold
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    """The smallest of `buckets` (sorted, the last one the full sequence length) >= `length`."""
+    return next((b for b in buckets if b >= length), buckets[-1])
 
 
 def _text_in_bucket(encoder: PromptEncoder, lower: int, upper: int) -> str | None:

@@ -24,7 +24,7 @@ import numpy as np
 
 from moderation_worker.control_records import CANDIDATE_SUFFIX
 from moderation_worker.events import ModelIdentity
-from moderation_worker.model.classifier import LoadedModel, _text_in_bucket
+from moderation_worker.model.classifier import LoadedModel, _text_in_bucket, bucket_for
 from moderation_worker.model.lora import DEFAULT_TARGET_LAYERS, LoraAdapter
 from moderation_worker.model.multi_lora import AdapterStack, MultiLoraModel
 from moderation_worker.model.prompts import EncodedBatch, PromptEncoder, PromptSettings
@@ -256,6 +256,13 @@ class ClassifierSet:
             batch.truncated[rows] = part.truncated
             slots[rows] = member.slot
         return batch, slots
+
+    def length_bucket(self, text: str) -> int:
+        """The compiled length `text` needs under the longest prompt of the set (its rows
+        may go to any classifier the route names)."""
+        encoders = {m.prompt: m.encoder for m in self.members.values()}.values()
+        longest = max(len(e.encode_ids(text)[0]) for e in encoders)
+        return bucket_for(longest, self.length_buckets)
 
     def _member(self, name: str) -> Member:
         member = self.members.get(name)
