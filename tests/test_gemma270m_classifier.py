@@ -59,3 +59,20 @@ def test_shipped_adapter_equals_kerashub_loader_and_leaves_zero_shot_alone(base)
     np.testing.assert_allclose(p_tuned, kerashub, atol=1e-6)
     np.testing.assert_allclose(zero.predict_proba([KIND, HATEFUL]), p_zero, atol=1e-6)
     np.testing.assert_allclose(tuned.predict_proba([KIND, HATEFUL]), p_tuned, atol=1e-6)
+
+
+def test_the_prefix_cache_scores_the_real_model_exactly(base) -> None:
+    """The shared head's keys/values computed once equal the full forward pass on 270M,
+    with the shipped adapter and across length buckets."""
+    texts = [
+        "you are lovely",
+        "people like you should be driven out of this country " * 3,
+        "the match was great, what a goal in the last minute",
+        "idiots",
+    ]
+    kw = dict(lora_weights=shipped_lora("gemma3-270m"), batch_size=4, length_buckets=(32, 64, 96))
+    cached = AgileClassifier(base, prefix_cache=True, **kw)
+    full = AgileClassifier(base, prefix_cache=False, **kw)
+    assert cached.scorer.prefix is not None and full.scorer.prefix is None
+    assert cached.scorer.prefix.length == len(cached.encoder.head_ids)
+    np.testing.assert_allclose(cached.predict_proba(texts), full.predict_proba(texts), atol=1e-4)

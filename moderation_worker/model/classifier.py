@@ -50,6 +50,8 @@ class AgileClassifier:
         length_buckets: optional shorter sequence lengths (e.g. `(32, 64)`): a batch whose
             longest prompt fits a bucket is cut to it. Exact (right padding, causal attention)
             and one compiled graph per bucket; pays off when most comments are short.
+        prefix_cache: compute the prompt head's keys and values once (with this adapter) and
+            only the rest of each row per call (`prefix_cache`; Gemma 3 backbones). Exact.
 
     Example:
         >>> clf = AgileClassifier(load_model_source("tiny"), batch_size=8)
@@ -67,6 +69,7 @@ class AgileClassifier:
         jit_compile: bool | str = True,
         length_buckets: Sequence[int] | None = None,
         adapter: LoraAdapter | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -90,7 +93,12 @@ class AgileClassifier:
             self.slot.enable(adapter.rank, adapter.target_layers)
         self.prompt = prompt or PromptSettings()
         self.encoder = PromptEncoder(model.tokenizer, self.prompt)  # checks single-token labels
-        self.scorer = LabelTokenScorer(model.backbone, self.encoder.label_ids, jit_compile)
+        prefix_ids = self.encoder.head_ids if prefix_cache else None
+        self.scorer = LabelTokenScorer(
+            model.backbone, self.encoder.label_ids, jit_compile, prefix_ids=prefix_ids
+        )
+        if self.scorer.prefix is not None:  # keys/values of the head under this adapter
+            self.scorer.prefix.refresh(0, lambda: self.slot.holding(self.adapter))
         self.batch_size = batch_size
         length = self.prompt.sequence_length
         self.length_buckets = tuple(sorted({int(b) for b in (length_buckets or ()) if b < length}))

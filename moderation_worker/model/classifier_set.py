@@ -26,7 +26,9 @@ from moderation_worker.control_records import CANDIDATE_SUFFIX
 from moderation_worker.events import ModelIdentity
 from moderation_worker.model.classifier import LoadedModel, _text_in_bucket, bucket_for
 from moderation_worker.model.lora import DEFAULT_TARGET_LAYERS, LoraAdapter
-from moderation_worker.model.multi_lora import AdapterStack, MultiLoraModel
+from moderation_worker.model.multi_lora import AdapterStack, MultiLoraModel, rows_using
+from moderation_worker.model.prefix_cache import PrefixCache, common_prefix
+from moderation_worker.model.prefix_cache import supports as prefix_cache_supports
 from moderation_worker.model.prompts import EncodedBatch, PromptEncoder, PromptSettings
 
 
@@ -66,6 +68,8 @@ class ClassifierSet:
         prompt: the prompt of zero-shot classifiers.
         resolve: turns a LoRA spec of a control-topic override (`"shipped:violence"`, a path)
             into a weights path; default: the spec is a path.
+        prefix_cache: compute the prompt head every member shares (their heads' common
+            start) once per adapter slot, recomputed when a slot's adapter changes. Exact.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class ClassifierSet:
         spare_rank: int = 4,
         prompt: PromptSettings | None = None,
         resolve: Callable[[str], Path | None] | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         if not adapters:
             raise ValueError("a classifier set needs at least one classifier")
@@ -99,6 +104,8 @@ class ClassifierSet:
         self.members: dict[str, Member] = {}
         self.label_ids: list[int] = []
         self._model: MultiLoraModel | None = None
+        self._prefix_cache = prefix_cache and prefix_cache_supports(model.backbone)
+        self._prefix: PrefixCache | None = None
         self._configured = dict(adapters)
         self._resolve = resolve or Path
         self._overrides: dict[str, tuple[str, str | None]] = {}  # name -> (lora, sha256) loaded
@@ -145,9 +152,18 @@ class ClassifierSet:
             )
         encoder = PromptEncoder(self.base.tokenizer, prompt)  # checks single-token labels
         new_ids = [i for i in encoder.label_ids if i not in self.label_ids]
-        if new_ids or self._model is None:
+        heads = [m.encoder.head_ids for m in self.members.values() if m.name != name]
+        prefix = common_prefix([*heads, encoder.head_ids]) if self._prefix_cache else []
+        new_prefix = self._prefix_cache and (
+            self._prefix is None or self._prefix.prefix_ids != prefix
+        )
+        if new_ids or new_prefix or self._model is None:
             self.label_ids.extend(new_ids)
-            self._model = MultiLoraModel(self.base.backbone, self.stack, self.label_ids)
+            if new_prefix:
+                self._prefix = PrefixCache(self.base.backbone, prefix, self.stack.capacity)
+            self._model = MultiLoraModel(
+                self.base.backbone, self.stack, self.label_ids, self._prefix
+            )
             self._model.compile(jit_compile=self.jit_compile)
         self.stack.put(slot, adapter)  # None writes zeros: a zero-shot row
         columns = tuple(self.label_ids.index(i) for i in encoder.label_ids)
@@ -156,7 +172,15 @@ class ClassifierSet:
         )
         member = Member(name, slot, adapter, encoder, columns, identity)
         self.members[name] = member
+        slots = [m.slot for m in self.members.values()] if new_prefix else [slot]
+        for each in slots:  # this slot's head keys/values (every slot's, for a new head)
+            self._refresh_prefix(each)
         return member
+
+    def _refresh_prefix(self, slot: int) -> None:
+        if self._prefix is not None:
+            rows = np.asarray([slot], dtype=np.int32)
+            self._prefix.refresh(slot, lambda: rows_using(self.stack, rows))
 
     def apply_overrides(self, overrides: Mapping[str, Mapping[str, str]]) -> list[str]:
         """Give each classifier the adapter a control record names (`{"lora", "sha256"}`), or

@@ -32,7 +32,8 @@ from keras import ops
 
 from moderation_worker.model.lora import DEFAULT_TARGET_LAYERS, LoraAdapter
 from moderation_worker.model.lora_slot import _weighted_layers
-from moderation_worker.model.scoring import last_token_hidden, output_logits
+from moderation_worker.model.prefix_cache import PrefixCache
+from moderation_worker.model.scoring import label_logits
 
 #: The stack and per-row adapter indices (`[batch]` int32) of the call being traced.
 _ROW_ADAPTERS: contextvars.ContextVar[tuple[AdapterStack, object] | None] = contextvars.ContextVar(
@@ -204,20 +205,24 @@ class MultiLoraModel(keras.Model):
     Inputs: `token_ids`, `padding_mask`, `last_index` as in `LabelTokenModel`, plus
     `adapter_index` (`[batch]` int32, each row's stack slot). Output: float32 logits
     `[batch, len(label_ids)]` over the union of every classifier's label tokens; the caller
-    picks each row's own columns.
+    picks each row's own columns. With a `PrefixCache` of one row per stack slot, only the
+    positions after the shared prompt head are computed (each row reads its slot's keys).
     """
 
-    def __init__(self, backbone: keras.Model, stack: AdapterStack, label_ids: Sequence[int]):
+    def __init__(
+        self,
+        backbone: keras.Model,
+        stack: AdapterStack,
+        label_ids: Sequence[int],
+        prefix: PrefixCache | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.stack = stack
         self.label_ids = [int(i) for i in label_ids]
+        self.prefix = prefix
 
     def call(self, inputs: dict[str, object]) -> object:
         rows = ops.cast(inputs["adapter_index"], "int32")
         with rows_using(self.stack, rows):
-            hidden = self.backbone(
-                {"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]}
-            )
-        last = last_token_hidden(hidden, inputs["last_index"])
-        return output_logits(self.backbone.token_embedding, last, self.label_ids)
+            return label_logits(self.backbone, self.prefix, inputs, self.label_ids, rows)

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from moderation_worker.model.prefix_cache import PrefixCache, supports
 from moderation_worker.model.prompts import EncodedBatch
 
 
@@ -66,19 +67,44 @@ class LabelTokenModel(keras.Model):
     Args:
         backbone: a KerasHub Gemma/Gemma3 backbone (LoRA may be enabled on it).
         label_ids: the vocabulary ids of the labels, in label order, or None for all tokens.
+        prefix: the shared prompt head's keys and values (`prefix_cache.PrefixCache`): every
+            row must start with its tokens, and only the positions after it are computed.
     """
 
-    def __init__(self, backbone: keras.Model, label_ids: Sequence[int] | None, **kwargs) -> None:
+    def __init__(
+        self,
+        backbone: keras.Model,
+        label_ids: Sequence[int] | None,
+        prefix: PrefixCache | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self.backbone = backbone
         self.label_ids = None if label_ids is None else [int(i) for i in label_ids]
+        self.prefix = prefix
 
     def call(self, inputs: dict[str, object]) -> object:
-        hidden = self.backbone(
+        return label_logits(self.backbone, self.prefix, inputs, self.label_ids, rows=None)
+
+
+def label_logits(
+    backbone: keras.Model,
+    prefix: PrefixCache | None,
+    inputs: dict[str, object],
+    label_ids: Sequence[int] | None,
+    rows: object | None,
+) -> object:
+    """The label logits at each row's last real token, through the prefix cache when given
+    (`rows`: each row's adapter slot in it, or None for slot 0)."""
+    if prefix is None:
+        hidden = backbone(
             {"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]}
         )
         last = last_token_hidden(hidden, inputs["last_index"])
-        return output_logits(self.backbone.token_embedding, last, self.label_ids)
+    else:
+        hidden = prefix.hidden(inputs["token_ids"], inputs["padding_mask"], rows)
+        last = last_token_hidden(hidden, ops.subtract(inputs["last_index"], prefix.length))
+    return output_logits(backbone.token_embedding, last, label_ids)
 
 
 def softmax_np(logits: np.ndarray) -> np.ndarray:
@@ -96,13 +122,24 @@ class LabelTokenScorer:
         backbone: the KerasHub backbone.
         label_ids: vocabulary ids of the labels.
         jit_compile: compile the forward pass with XLA (the default on JAX; measured on TF).
+        prefix_ids: the prompt head every row starts with, to compute once (`refresh_prefix`
+            after the backbone's weights change); None, or a backbone without support: off.
     """
 
     def __init__(
-        self, backbone: keras.Model, label_ids: Sequence[int], jit_compile: bool | str = "auto"
+        self,
+        backbone: keras.Model,
+        label_ids: Sequence[int],
+        jit_compile: bool | str = "auto",
+        prefix_ids: Sequence[int] | None = None,
     ) -> None:
-        self.model = LabelTokenModel(backbone, label_ids)
+        prefix = PrefixCache(backbone, prefix_ids) if prefix_ids and supports(backbone) else None
+        self.model = LabelTokenModel(backbone, label_ids, prefix)
         self.model.compile(jit_compile=jit_compile)
+
+    @property
+    def prefix(self) -> PrefixCache | None:
+        return self.model.prefix
 
     def logits(self, batch: EncodedBatch) -> np.ndarray:
         out = self.model.predict_on_batch(batch.as_inputs())

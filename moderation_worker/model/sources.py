@@ -219,6 +219,7 @@ def build_classifier(
     prompt=None,
     dtype: str | None = None,
     length_buckets: tuple[int, ...] | None = None,
+    prefix_cache: bool = True,
 ) -> AgileClassifier:
     """Model source + LoRA weights + threshold -> a ready classifier (for the CLI and worker).
     An `encoder:PATH` model is a fine-tuned encoder: it takes no LoRA weights."""
@@ -234,6 +235,7 @@ def build_classifier(
         threshold=threshold,
         batch_size=batch_size,
         length_buckets=length_buckets,
+        prefix_cache=prefix_cache,
     )
 
 
@@ -244,6 +246,7 @@ def build_classifier_set(
     dtype: str | None = None,
     length_buckets: tuple[int, ...] | None = None,
     spare_slots: int = 2,
+    prefix_cache: bool = True,
 ) -> ClassifierSet | CompositeRows:
     """One base model + named LoRA weights (`"default"`: the shipped hate adapter; None or
     `"none"`: zero-shot) -> a `ClassifierSet` that scores rows of any of them in one pass.
@@ -259,11 +262,13 @@ def build_classifier_set(
     loras = {n: s for n, s in specs.items() if not str(s).startswith(ENCODER_PREFIX)}
     if not loras:
         return CompositeRows(encoders)
-    rules = _lora_set(model, loras, batch_size, dtype, length_buckets, spare_slots)
+    rules = _lora_set(model, loras, batch_size, dtype, length_buckets, spare_slots, prefix_cache)
     return CompositeRows([rules, *encoders]) if encoders else rules
 
 
-def _lora_set(model, classifiers, batch_size, dtype, length_buckets, spare_slots) -> ClassifierSet:
+def _lora_set(
+    model, classifiers, batch_size, dtype, length_buckets, spare_slots, prefix_cache
+) -> ClassifierSet:
     base = load_model_source(model, dtype)
     adapters: dict[str, LoraAdapter | None] = {}
     for name, weights in classifiers.items():
@@ -276,4 +281,5 @@ def _lora_set(model, classifiers, batch_size, dtype, length_buckets, spare_slots
         length_buckets=length_buckets,
         spare_slots=spare_slots,
         resolve=lambda spec: resolve_lora(model, spec),
+        prefix_cache=prefix_cache,
     )

@@ -278,6 +278,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
                 batch_size=settings.batch_size,
                 length_buckets=settings.length_buckets,
                 spare_slots=settings.spare_classifier_slots,
+                prefix_cache=settings.speed.prefix_cache,
             )
         # LoRA metadata carries its own prompt; sequence_length applies to zero-shot models.
         prompt = None
@@ -289,6 +290,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             batch_size=settings.batch_size,
             prompt=prompt,
             length_buckets=settings.length_buckets,
+            prefix_cache=settings.speed.prefix_cache,
         )
 
     # SIGHUP re-reads the config file and environment, so a threshold edited in either
@@ -310,6 +312,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         SECTIONS,
         BenchEdges,
         BenchOptions,
+        bench_loader,
         run_bench,
         run_child,
         shell_command,
@@ -318,7 +321,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.child:  # one thread-settings variant, in a fresh process
         print(orjson.dumps(run_child(orjson.loads(args.child), load_model_source)).decode())
         return 0
-    edges = BenchEdges(load_model=load_model_source)
+    edges = BenchEdges(load_model=bench_loader(load_model_source))  # + `random:` specs
     try:
         from adapters.tansu import TansuBroker
         from moderation_worker.settings import Settings
