@@ -39,6 +39,12 @@ class PipelineMetrics:
             f"{p}_dead_letters", "Dead letters published", ["reason"], registry=r
         )
         self.batches = Counter(f"{p}_batches", "Batches processed", ["closed_by"], registry=r)
+        self.batch_lengths = Counter(
+            f"{p}_batches_by_length",
+            "Batches per length queue ([speed] batch_by_length; 'mixed' when it is off)",
+            ["length"],
+            registry=r,
+        )
         self.fill_ratio = Histogram(
             f"{p}_batch_fill_ratio",
             "Real rows over the fixed batch size, per batch that needed the model",
@@ -100,6 +106,7 @@ class PipelineMetrics:
     ) -> None:
         now = time.time()
         self.batches.labels(batch.closed_by or "unknown").inc()
+        self.batch_lengths.labels(str(batch.bucket) if batch.bucket else "mixed").inc()
         if result.rows:
             self.fill_ratio.observe(result.fill_ratio)
         for seconds in result.model_seconds:

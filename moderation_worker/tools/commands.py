@@ -313,6 +313,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         BenchEdges,
         BenchOptions,
         bench_loader,
+        quick_out_path,
         run_bench,
         run_child,
         shell_command,
@@ -352,6 +353,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         overrides["repeats"] = args.repeats
     if args.sections:
         overrides["sections"] = tuple(s for s in args.sections.split(",") if s in SECTIONS)
+        if not args.out and set(overrides["sections"]) != set(BenchOptions().sections):
+            overrides["out"] = quick_out_path()  # a partial run never replaces the full table
     options = BenchOptions.quick_defaults(**overrides) if args.quick else BenchOptions(**overrides)
     run_bench(options, edges)
     return 0
