@@ -71,6 +71,9 @@ class PrefixCache(keras.layers.Layer):
             for _ in backbone.transformer_layers
         ]
         self._backbone_ref = [backbone]  # not tracked: the backbone belongs to its model
+        # Every weight exists now. Left unbuilt (it is used through `hidden`, never called),
+        # Keras on JAX would run the whole model eagerly before every `predict_on_batch`.
+        self.built = True
 
     @property
     def backbone(self) -> keras.Model:
