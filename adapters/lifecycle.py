@@ -26,6 +26,7 @@ from faust.exceptions import AlreadyConfiguredWarning
 from adapters import kafka_preflight
 from adapters.delivery_guard import preflight as delivery_preflight
 from adapters.jsonlog import logging_config
+from moderation_worker.model import compile_cache
 
 if TYPE_CHECKING:
     from adapters.moderation import Moderation
@@ -113,16 +114,21 @@ class ModerationWorker(faust.Worker):
 def run(moderation: Moderation) -> None:
     """Run one worker until SIGTERM/SIGINT (blocking); SIGHUP reloads the threshold.
 
-    The model is loaded and warmed up before the worker joins the consumer group, so a slow
-    load does not hold partitions hostage or trigger a rebalance; configuration mistakes fail
-    in seconds, before that load. Runs the app `moderation` is installed in, or else its
-    standalone app.
+    The model is loaded and warmed up (every compiled shape built) before the worker joins the
+    consumer group and before its web server, `/health` included, starts, so a slow load does
+    not hold partitions hostage or trigger a rebalance, and a probe never sees a worker ready
+    that would still compile on its first batches; configuration mistakes fail in seconds,
+    before that load. Compiled shapes persist across restarts (`[speed] compile_cache_dir`).
+    Runs the app `moderation` is installed in, or else its standalone app.
     """
     settings = moderation.settings
     standalone = not moderation.installed
     if standalone:  # Faust variables weakening delivery or overriding options: nothing started
         delivery_preflight(settings)
     logging.config.dictConfig(logging_config(settings.log_level))
+    # Before the model is built: TensorFlow reads its XLA flags when its runtime starts. The
+    # CLI did this before importing anything; here it covers `Moderation.run()` in a program.
+    compile_cache.enable(settings.speed.compile_cache_dir)
     log.info("worker starting", extra={"settings": settings.public_dict()})
     if standalone:
         kafka_preflight.preflight(settings)  # TLS/SASL/address mistakes: a clear error, not a hang

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from typing import Any
 
 from moderation_worker.processor import BatchProcessor
 from moderation_worker.verdicts import ProbabilityModel
@@ -71,22 +72,22 @@ class ModelLoader:
 
     def _load(self) -> ProbabilityModel:
         assert self._factory is not None
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
+        log.info("model loading")
         model = self._factory()
-        log.info("model loaded", extra={"seconds": round(time.perf_counter() - started, 3)})
+        log.info("model loaded", extra=_took(started, cpu))
         return model
 
     def _warm_up(self) -> None:
         """Build and check every compiled shape before the first batch (`ModelUnavailable`)."""
         if self._warmed_up or self.model is None:
             return
-        started = time.perf_counter()
-        shapes = BatchProcessor(self.model, 0.5, batch_size=self.batch_size).warm_up()
+        started, cpu = time.perf_counter(), time.process_time()
+        processor = BatchProcessor(self.model, 0.5, batch_size=self.batch_size)
+        processor.model = _TimedShapes(processor.model, len(processor.canary_rows))
+        shapes = processor.warm_up()
         self._warmed_up = True
-        log.info(
-            "model warmed up",
-            extra={"shapes": shapes, "seconds": round(time.perf_counter() - started, 3)},
-        )
+        log.info("model warmed up", extra={"shapes": shapes, **_took(started, cpu)})
 
 
 def _is_model(obj: object) -> bool:
@@ -94,3 +95,36 @@ def _is_model(obj: object) -> bool:
     return hasattr(obj, "predict_rows") or (
         hasattr(obj, "predict_proba") and hasattr(obj, "labels")
     )
+
+
+class _TimedShapes:
+    """The warm-up's row model, logging how long each canary call (one compiled shape) took:
+    the per-shape figures of the cold-start measurement (`tools/cold_start`)."""
+
+    def __init__(self, model: Any, canaries: int) -> None:
+        self._model = model
+        self._calls = 0
+        buckets = tuple(getattr(model, "length_buckets", ()) or ())
+        # Canary i is bucket i when every bucket has one (a bucket no text fits has none).
+        self._lengths = buckets if len(buckets) == canaries else ()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def predict_rows(self, texts: Sequence[str], names: Sequence[str]) -> Any:
+        started, cpu = time.perf_counter(), time.process_time()
+        out = self._model.predict_rows(texts, names)
+        index, self._calls = self._calls, self._calls + 1
+        length = self._lengths[index] if index < len(self._lengths) else None
+        extra = {"shape": index + 1, "length": length, **_took(started, cpu)}
+        log.info("shape compiled", extra=extra)
+        return out
+
+
+def _took(started: float, cpu: float) -> dict[str, float]:
+    """Wall seconds, and CPU seconds of the whole process (every thread): the CPU figure is
+    what a phase costs even on a machine shared with other jobs, where wall time is not."""
+    return {
+        "seconds": round(time.perf_counter() - started, 3),
+        "cpu_s": round(time.process_time() - cpu, 3),
+    }

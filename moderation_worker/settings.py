@@ -126,7 +126,7 @@ class Settings(BaseSettings):
     )
     sequence_length: int = Field(128, ge=16, le=8192)
     length_buckets: tuple[int, ...] = Field(
-        (32, 64, 96),
+        (64, 96),  # 32 held no real prompt (the head alone is 24 tokens); each shape is a compile
         description="shorter shapes a batch is cut to when its prompts fit (exact; () = off)",
     )
     model_retries: int = Field(

