@@ -15,6 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from moderation_worker.settings import DEFAULT_MODEL  # noqa: E402
 from moderation_worker.tools import (  # noqa: E402
+    cold_start,
     control,
     cost,
     loop_curve,
@@ -160,14 +161,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="speed: naive vs batched vs label head, tuning, pipeline")
     p.add_argument("--quick", action="store_true", help="tiny model, tiny counts (< 60 s)")
-    p.add_argument("--model", default=None, help="model source (default gemma3-270m; quick: tiny)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model source (default gemma3-270m; quick: tiny; random:gemma3-270m or "
+        "random:gemma-2b: that architecture with random weights, for speed alone)",
+    )
     p.add_argument(
         "--out", default=None, help="markdown file (default BENCHMARKS.md; --quick: a temp file)"
     )
     p.add_argument("--batch-sizes", default=None, help="comma-separated, default 1,8,32,64")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (median reported)")
     p.add_argument(
-        "--sections", default=None, help="subset of scoring,tuning,threads,pipeline,policies"
+        "--sections",
+        default=None,
+        help="subset of scoring,tuning,length,threads,pipeline,policies,peer,coldstart,gpu "
+        "(gpu: only if named)",
+    )
+    p.add_argument(
+        "--peer-texts", type=int, default=None, help="comments the llama.cpp peer row scores"
     )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
@@ -237,6 +249,7 @@ def _add_control_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("key", help="e.g. threshold/hate/gaming, mode/violence, route/*")
     add_loop_parsers(sub, commands)
     loop_curve.add_parser(sub)
+    cold_start.add_parser(sub)
     console_run.add_parser(sub)
     cost.add_parser(sub)
     recipe_search.add_parser(sub)

@@ -263,12 +263,14 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from moderation_worker.model import compile_cache
+
+    settings = _settings(args)  # cache on before any backend import: TF reads XLA flags once
+    compile_cache.enable(settings.speed.compile_cache_dir)
     from adapters.delivery_guard import DeliveryConfigError
     from adapters.moderation import Moderation
     from moderation_worker.model.prompts import PromptSettings
     from moderation_worker.model.sources import build_classifier, build_classifier_set
-
-    settings = _settings(args)
 
     def factory():
         if settings.classifiers:  # several classifiers on one base model, per-row LoRA
@@ -326,12 +328,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         from adapters.tansu import TansuBroker
         from moderation_worker.settings import Settings
+        from moderation_worker.tools.cold_start import measure_cold_start
         from moderation_worker.tools.pipeline_bench import bench_texts, measure_pipeline
         from moderation_worker.tools.trivial_scorer import TrivialScorer
 
         edges.measure_pipeline, edges.broker = measure_pipeline, TansuBroker
         edges.trivial_scorer = lambda n: TrivialScorer(batch_size=n)
         edges.settings, edges.pipeline_texts = Settings, bench_texts
+        edges.cold_start = measure_cold_start
     except ImportError as exc:
         print(f"bench: pipeline not measured ({exc})", file=sys.stderr)
     overrides: dict[str, Any] = {"command": shell_command(sys.argv[1:])}
@@ -351,6 +355,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         overrides["batch_sizes"] = tuple(int(b) for b in args.batch_sizes.split(","))
     if args.repeats:
         overrides["repeats"] = args.repeats
+    if getattr(args, "peer_texts", None):
+        overrides["peer_texts"] = args.peer_texts
     if args.sections:
         overrides["sections"] = tuple(s for s in args.sections.split(",") if s in SECTIONS)
         if not args.out and set(overrides["sections"]) != set(BenchOptions().sections):

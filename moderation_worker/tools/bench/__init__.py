@@ -16,6 +16,11 @@ One run, one model, one table (BENCHMARKS.md; a `--quick` run writes a temporary
 4. Several classifiers on one backbone: per-row LoRA (`ClassifierSet`) against swap-and-rerun
    (`AgileClassifier`s sharing the LoRA slot) with 1, 2 and 4 classifiers and mixed traffic,
    and the memory an extra classifier costs.
+5. `peer`: llama.cpp (llama-cpp-python, the `peer` extra) on the same GGUF, prompt token ids
+   and texts as the worker's `AgileClassifier`, one prompt per call and packed, as a ratio.
+6. `gpu` (only when named; `scripts/gpu-bench.sh` runs it under JAX): Gemma 3 270M and a Gemma
+   2B-sized random-weight model at batch 8-256, bf16 and float32, TFLOP/s against the card's
+   dense peak; on a CPU it says its figures are the CPU's.
 
 The report names the accelerator and Keras backend the run actually used (`detect_accelerator`).
 The core knows nothing of the edges: the caller (`cli.cmd_bench`) passes the model loader and
@@ -26,10 +31,12 @@ The parts, by role:
     options       `BenchOptions`, `BenchEdges`, progress lines, the comments scored
     flops         FLOP accounting, the matmul peak, the timer
     scoring       paths (a), (b), (c)
-    prefix_cache  the shared-prefix KV cache prototype
+    length_batching  length queues and the prefix cache through the worker's own batching
     tuning        XLA, dtype, prefix cache, length buckets, thread pools (`run_child`)
     pipeline      broker + Faust + codecs + batching, trivial vs real scorer
     policies      1, 2, 4 classifiers: per-row LoRA vs swap-and-rerun, memory per classifier
+    peer          llama.cpp on the same GGUF and prompts (`LlamaCppLabelScorer`)
+    gpu           the GPU sweep and the known cards' peaks
     machine       CPU, accelerator, backend, versions, competing load
     report        `BenchReport` and its markdown
     runner        `run_bench`
@@ -38,10 +45,23 @@ The parts, by role:
 from moderation_worker.tools.bench.flops import (
     FlopCount,
     count_flops,
+    gate_dim_reduction,
     matmul_peak,
     memory_available_bytes,
     shaped_matmul,
     timed,
+)
+from moderation_worker.tools.bench.gpu import (
+    GEMMA3_270M_CONFIG,
+    GEMMA_2B_CONFIG,
+    RANDOM_MODELS,
+    GpuReport,
+    GpuRow,
+    bench_loader,
+    dense_peak,
+    gpu_section,
+    measure_gpu,
+    random_model,
 )
 from moderation_worker.tools.bench.machine import (
     Accelerator,
@@ -51,6 +71,7 @@ from moderation_worker.tools.bench.machine import (
     versions,
 )
 from moderation_worker.tools.bench.options import (
+    DEFAULT_SECTIONS,
     ETHOS_CSV,
     LENGTH_BUCKETS,
     SECTIONS,
@@ -61,6 +82,14 @@ from moderation_worker.tools.bench.options import (
     log,
     quick_out_path,
     shell_command,
+)
+from moderation_worker.tools.bench.peer import (
+    SKIP_NOT_INSTALLED,
+    LlamaCppLabelScorer,
+    PeerReport,
+    PeerRow,
+    measure_peer,
+    peer_section,
 )
 from moderation_worker.tools.bench.pipeline import (
     PipelineRow,
@@ -74,7 +103,6 @@ from moderation_worker.tools.bench.policies import (
     measure_policies,
     policies_section,
 )
-from moderation_worker.tools.bench.prefix_cache import PrefixCachedLabelModel, PrefixCachedScorer
 from moderation_worker.tools.bench.report import BenchReport, flop_section, render, worker_defaults
 from moderation_worker.tools.bench.runner import run_bench
 from moderation_worker.tools.bench.scoring import (
@@ -96,9 +124,14 @@ from moderation_worker.tools.bench.tuning import (
 )
 
 __all__ = [
+    "DEFAULT_SECTIONS",
     "ETHOS_CSV",
+    "GEMMA3_270M_CONFIG",
+    "GEMMA_2B_CONFIG",
+    "RANDOM_MODELS",
     "LENGTH_BUCKETS",
     "SECTIONS",
+    "SKIP_NOT_INSTALLED",
     "THREAD_VARIANTS",
     "Accelerator",
     "BenchEdges",
@@ -106,33 +139,44 @@ __all__ = [
     "BenchReport",
     "FlopCount",
     "FullVocabPath",
+    "GpuReport",
+    "GpuRow",
+    "LlamaCppLabelScorer",
     "Measurement",
     "ModelLoader",
     "OtherCpu",
+    "PeerReport",
+    "PeerRow",
     "PipelineRow",
     "PolicyReport",
     "PolicyRow",
-    "PrefixCachedLabelModel",
-    "PrefixCachedScorer",
     "TuningRow",
+    "bench_loader",
     "bench_texts",
     "bucket_use",
     "causal_lm_for",
     "count_flops",
+    "dense_peak",
     "detect_accelerator",
     "flop_section",
+    "gate_dim_reduction",
+    "gpu_section",
     "log",
     "machine_info",
     "matmul_peak",
+    "measure_gpu",
+    "measure_peer",
     "measure_pipelines",
     "measure_policies",
     "measure_scoring",
     "measure_threads",
     "measure_tuning",
     "memory_available_bytes",
+    "peer_section",
     "pipeline_summary",
     "policies_section",
     "quick_out_path",
+    "random_model",
     "render",
     "run_bench",
     "run_child",

@@ -60,9 +60,10 @@ def count_flops(
     of size h, V = vocabulary_size, T = sequence_length, per token and layer:
     projections 2d(Hq h + 2 Hkv h) + 2 Hq h d, attention 4 Hq h T, MLP 6 d F; backbone
     L T (those); output head 2 d V T for full logits, 2 d n_labels + 2 T d for the label head.
+    F is the gate's real width: `intermediate_dim / gate_dim_reduction(config)`.
     """
     d = float(config["hidden_dim"])
-    ffn = float(config["intermediate_dim"])
+    ffn = float(config["intermediate_dim"]) / gate_dim_reduction(config)
     layers = int(config["num_layers"])
     hq = float(config["num_query_heads"])
     hkv = float(config["num_key_value_heads"])
@@ -84,6 +85,20 @@ def count_flops(
         label_head=2 * d * n_labels + 2 * t * d,
         prefix_tokens=prefix_tokens,
     )
+
+
+def gate_dim_reduction(config: dict[str, Any]) -> int:
+    """How much narrower the MLP gate is than `intermediate_dim` says: 2 for Gemma and Gemma 2.
+
+    KerasHub's Gemma/Gemma 2 blocks build their gates `intermediate_dim // 2` wide (gemma_2b:
+    32768 -> 16384, which the preset's 2,506,172,416 parameters confirm); Gemma 3's blocks use
+    `intermediate_dim` as is. A `GemmaBackbone` config has `use_sliding_window_attention` but
+    no `use_query_key_norm`; a hand-written dict says it with `gate_dim_reduction` or means 1.
+    """
+    if "gate_dim_reduction" in config:
+        return int(config["gate_dim_reduction"])
+    gemma_v1_v2 = "use_sliding_window_attention" in config and "use_query_key_norm" not in config
+    return 2 if gemma_v1_v2 else 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,8 +18,12 @@ from moderation_worker.model.classifier import LoadedModel
 from moderation_worker.tools.data import FILLER_WORDS
 
 ETHOS_CSV = Path("/work/shared/data/ethos/Ethos_Dataset_Binary.csv")
-SECTIONS = ("scoring", "tuning", "threads", "pipeline", "policies")
-LENGTH_BUCKETS = (32, 64, 96)
+SECTIONS = ("scoring", "tuning", "length", "threads", "pipeline", "policies", "peer", "gpu")
+SECTIONS += ("coldstart",)  # real worker processes started before/after (tools/cold_start)
+#: What a run measures unless `--sections` says otherwise: `gpu` only when asked for, since
+#: on a CPU its Gemma 2B-sized sweep takes hours (`scripts/gpu-bench.sh` runs it on a GPU).
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "gpu")
+LENGTH_BUCKETS = (64, 96)  # the worker's default `length_buckets`
 
 ModelLoader = Callable[..., LoadedModel]
 
@@ -36,6 +40,8 @@ class BenchOptions:
         tuning_batch: batch size the tuning knobs are compared at.
         bucket_batches: batch sizes of the length-bucket comparison.
         bucket_texts: how many real comments the bucket comparison scores per pass.
+        length_batches: batch sizes of the length-aware batching comparison.
+        length_texts: comments per pass of that comparison (a stream of ETHOS comments).
         matmul_sizes: square float32 matmul sizes tried for the machine's peak.
         sections: which parts to run (see `SECTIONS`).
         quick: tiny counts; what the test suite runs.
@@ -43,6 +49,10 @@ class BenchOptions:
         command: the command line, written into the file.
         ethos_csv: ETHOS file for realistic comment lengths (generated texts when absent).
         pipeline_events: events per pipeline throughput run (trivial, real scorer).
+        peer_texts: comments the llama.cpp peer row and our worker path both score.
+        gpu_batches: batch sizes of the `gpu` section.
+        gpu_dtypes: dtypes of the `gpu` section.
+        gpu_call_budget_s: a `gpu` call slower than this skips that sweep's larger batches.
     """
 
     model: str = "gemma3-270m"
@@ -52,13 +62,19 @@ class BenchOptions:
     tuning_batch: int = 8
     bucket_batches: tuple[int, ...] = (1, 8, 32)
     bucket_texts: int = 96
+    length_batches: tuple[int, ...] = (8, 32, 64)
+    length_texts: int = 256
     matmul_sizes: tuple[int, ...] = (1024, 2048, 4096)
-    sections: tuple[str, ...] = SECTIONS
+    sections: tuple[str, ...] = DEFAULT_SECTIONS
     quick: bool = False
     out: Path = Path("BENCHMARKS.md")
     command: str = ""
     ethos_csv: Path = ETHOS_CSV
     pipeline_events: tuple[int, int] = (4000, 96)
+    peer_texts: int = 198
+    gpu_batches: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
+    gpu_dtypes: tuple[str, ...] = ("bfloat16", "float32")
+    gpu_call_budget_s: float = 60.0
 
     @classmethod
     def quick_defaults(cls, **overrides: Any) -> BenchOptions:
@@ -77,9 +93,13 @@ class BenchOptions:
             tuning_batch=8,
             bucket_batches=(8,),
             bucket_texts=16,
+            length_batches=(4,),
+            length_texts=24,
             matmul_sizes=(256, 512),
             quick=True,
             pipeline_events=(300, 48),
+            peer_texts=4,
+            gpu_batches=(2, 4),
         )
         return replace(base, **overrides)
 
@@ -95,6 +115,7 @@ class BenchEdges:
         trivial_scorer: factory `(batch_size) -> ProbabilityModel` with no network.
         settings: factory `(**overrides) -> Settings` for pipeline runs.
         child_command: argv prefix that runs `moderation-worker bench` in a fresh process.
+        cold_start: `tools.cold_start.measure_cold_start`, for the `coldstart` section.
         pipeline_texts: `(n) -> texts` the pipeline run sends, to time the model alone on them.
     """
 
@@ -105,6 +126,7 @@ class BenchEdges:
     settings: Callable[..., Any] | None = None
     child_command: Sequence[str] = (sys.executable, "-m", "moderation_worker.cli", "bench")
     pipeline_texts: Callable[[int], list[str]] | None = None
+    cold_start: Callable[..., Any] | None = None
 
 
 def quick_out_path() -> Path:

@@ -9,9 +9,13 @@ import numpy as np
 
 from moderation_worker.model.classifier import AgileClassifier
 from moderation_worker.model.prompts import PromptSettings
-from moderation_worker.tools.bench.flops import FlopCount
+from moderation_worker.tools.bench.coldstart import coldstart_section
+from moderation_worker.tools.bench.flops import FlopCount, gate_dim_reduction
+from moderation_worker.tools.bench.gpu import GpuReport, gpu_section
+from moderation_worker.tools.bench.length_batching import LengthRun, length_batching_section
 from moderation_worker.tools.bench.machine import load_average
 from moderation_worker.tools.bench.options import BenchOptions
+from moderation_worker.tools.bench.peer import PeerReport, peer_section
 from moderation_worker.tools.bench.pipeline import PipelineRow, scale_note
 from moderation_worker.tools.bench.policies import PolicyReport, policies_section
 from moderation_worker.tools.bench.scoring import Measurement
@@ -52,10 +56,15 @@ class BenchReport:
     texts_source: str = ""
     scoring: list[Measurement] = field(default_factory=list)
     tuning: list[TuningRow] = field(default_factory=list)
+    length: list[LengthRun] = field(default_factory=list)
+    length_texts: int = 0
     threads: list[TuningRow] = field(default_factory=list)
     pipeline: list[PipelineRow] = field(default_factory=list)
     pipeline_note: str = ""
     policies: PolicyReport | None = None
+    peer: PeerReport | None = None
+    gpu: GpuReport | None = None
+    coldstart: Any = None  # a `ColdStartReport`, or why the section was not measured
     seconds: float = 0.0
 
 
@@ -141,6 +150,7 @@ def render(report: BenchReport) -> str:
             )
         lines.append("")
 
+    lines += length_batching_section(report.length, report.length_texts)
     if report.tuning or report.threads:
         lines += ["## 5. Tuning: before / after (path (c))", ""]
         lines += [
@@ -163,6 +173,9 @@ def render(report: BenchReport) -> str:
 
     if report.policies is not None:
         lines += policies_section(report.policies, f, peak)
+
+    if report.peer is not None:
+        lines += peer_section(report.peer)
 
     lines += ["## 2./3. Pipeline: broker + Faust + codecs + batching", ""]
     lines += [
@@ -193,9 +206,14 @@ def render(report: BenchReport) -> str:
 
     lines += [scale_note(report), ""]
 
-    lines += ["## 4. GPU", ""]
-    if m.get("accelerator_found"):
+    if report.coldstart is not None:
+        lines += coldstart_section(report.coldstart)
+    if report.gpu is not None:  # the `gpu` section ran: its table replaces the notes below
+        lines += gpu_section(report.gpu)
+    elif m.get("accelerator_found"):
         lines += [
+            "## 4. GPU",
+            "",
             f"This run's `keras.ops` ran on {m['accelerator']}: the matrix-multiply peak and "
             "the scoring and tuning tables above are that device's (float32 unless a row says "
             "otherwise); the CPU line above is the host's.",
@@ -203,6 +221,8 @@ def render(report: BenchReport) -> str:
         ]
     else:
         lines += [
+            "## 4. GPU",
+            "",
             "| Device | Model | Batch | comments/s | % of bf16 peak |",
             "|---|---|---:|---:|---:|",
             f"| not measured: {m.get('backend', 'the backend')} found no GPU on this machine "
@@ -216,7 +236,8 @@ def render(report: BenchReport) -> str:
 
 def flop_section(f: FlopCount, config: dict[str, Any], peak: float | None) -> list[str]:
     """The FLOP accounting, with this config's numbers filled in."""
-    d, ffn, layers = config["hidden_dim"], config["intermediate_dim"], config["num_layers"]
+    d, layers = config["hidden_dim"], config["num_layers"]
+    ffn = config["intermediate_dim"] // gate_dim_reduction(config)  # the gate's real width
     hq, hkv, h = config["num_query_heads"], config["num_key_value_heads"], config["head_dim"]
     vocab, t = config["vocabulary_size"], f.sequence_length
     per = f.per_token_layer
@@ -272,14 +293,14 @@ def flop_section(f: FlopCount, config: dict[str, Any], peak: float | None) -> li
         "",
         f"Every prompt starts with the same {f.prefix_tokens} tokens (BOS + instruction + label "
         "list + separator + `Text:`). Their keys and values could be computed once and reused "
-        "(KerasHub's `call_with_cache` with `cache_update_index = prefix`), which skips those "
+        "(KerasHub's cached decoder call with `cache_update_index = prefix`), which skips those "
         f"rows' projections, MLP and attention: {100 * f.prefix_tokens / t:.1f} % of the backbone "
         f"at T = {t}, {100 * f.prefix_share:.1f} % of path (c), so at most "
         f"{1 / (1 - f.prefix_share):.2f}x. The share grows when rows are cut to a shorter "
-        "length bucket (the prefix is a larger part of a short prompt). `PrefixCachedLabelModel` "
-        "in `tools/bench/prefix_cache.py` is a working prototype (exact to float rounding; the "
-        "tuning table measures it); moving it into `scoring.py` would also need the cache "
-        "rebuilt whenever LoRA weights are loaded, since the prefix keys depend on them.",
+        "length bucket (the prefix is a larger part of a short prompt). The worker does this "
+        "(`model/prefix_cache.py`, `[speed] prefix_cache`, on by default): one row of keys and "
+        "values per adapter slot, recomputed when an adapter is written into it; the tuning "
+        "and length tables measure it.",
         "",
     ]
     return lines
@@ -293,4 +314,8 @@ def worker_defaults() -> str:
 
     jit = inspect.signature(AgileClassifier.__init__).parameters["jit_compile"].default
     buckets = Settings.model_fields["length_buckets"].default
-    return f"`AgileClassifier` jit_compile={jit!r}, length_buckets={tuple(buckets)}"
+    speed = Settings.model_fields["speed"].default_factory()
+    return (
+        f"`AgileClassifier` jit_compile={jit!r}, length_buckets={tuple(buckets)}; "
+        f"[speed] batch_by_length={speed.batch_by_length}, prefix_cache={speed.prefix_cache}"
+    )

@@ -7,7 +7,15 @@ import time
 from pathlib import Path
 
 from moderation_worker.model.prompts import PromptEncoder, PromptSettings
-from moderation_worker.tools.bench.flops import count_flops, matmul_peak, shaped_matmul
+from moderation_worker.tools.bench.coldstart import bench_coldstart
+from moderation_worker.tools.bench.flops import (
+    count_flops,
+    gate_dim_reduction,
+    matmul_peak,
+    shaped_matmul,
+)
+from moderation_worker.tools.bench.gpu import bench_gpu
+from moderation_worker.tools.bench.length_batching import measure_length_batching, stream_texts
 from moderation_worker.tools.bench.machine import (
     OtherCpu,
     load_average,
@@ -15,7 +23,14 @@ from moderation_worker.tools.bench.machine import (
     other_load,
     versions,
 )
-from moderation_worker.tools.bench.options import BenchEdges, BenchOptions, bench_texts, log
+from moderation_worker.tools.bench.options import (
+    LENGTH_BUCKETS,
+    BenchEdges,
+    BenchOptions,
+    bench_texts,
+    log,
+)
+from moderation_worker.tools.bench.peer import bench_peer
 from moderation_worker.tools.bench.pipeline import measure_pipelines, pipeline_summary
 from moderation_worker.tools.bench.policies import PolicyReport, measure_policies
 from moderation_worker.tools.bench.report import BenchReport, render
@@ -74,7 +89,8 @@ def run_bench(options: BenchOptions, edges: BenchEdges) -> BenchReport:
     texts, report.texts_source = bench_texts(options, max(options.bucket_texts, 64))
 
     report.peak = matmul_peak(options.matmul_sizes)
-    d, ffn = report.model_config["hidden_dim"], report.model_config["intermediate_dim"]
+    d = report.model_config["hidden_dim"]
+    ffn = report.model_config["intermediate_dim"] // gate_dim_reduction(report.model_config)
     rows = options.tuning_batch * encoder.settings.sequence_length
     report.shaped[f"MLP-shaped matmul [{rows}×{d}]·[{d}×{ffn}] (batch {options.tuning_batch})"] = (
         shaped_matmul(rows, d, ffn)
@@ -93,6 +109,15 @@ def run_bench(options: BenchOptions, edges: BenchEdges) -> BenchReport:
                 TuningRow("(failed)", type(exc).__name__, 0, float("nan"), None, str(exc)[:200])
             )
         save()
+    if "length" in options.sections:
+        stream, _ = stream_texts(options, options.length_texts)
+        report.length_texts = len(stream)
+        try:
+            measure_length_batching(model, options, stream, LENGTH_BUCKETS, report.length)
+        except Exception as exc:  # keep the other sections' numbers
+            log(f"length batching failed: {exc!r}")
+            report.pipeline_note = f"Length batching failed: `{exc!r}`"[:400]
+        save()
     if "threads" in options.sections:
         report.threads = measure_threads(options, edges)
         save()
@@ -106,6 +131,15 @@ def run_bench(options: BenchOptions, edges: BenchEdges) -> BenchReport:
             except Exception as exc:  # keep the other sections' numbers
                 log(f"pipeline failed: {exc!r}")
                 report.pipeline_note = f"Pipeline run failed: `{exc!r}`"[:400]
+        save()
+    if "peer" in options.sections:  # before policies: llama.cpp has no LoRA, so zero-shot
+        report.peer = bench_peer(model, options)
+        save()
+    if "gpu" in options.sections:
+        report.gpu = bench_gpu(model, options, texts)
+        save()
+    if "coldstart" in options.sections:  # worker processes; this one's model sits idle
+        report.coldstart = bench_coldstart(options, edges)
         save()
     if "policies" in options.sections:  # last: it enables LoRA on the shared backbone
         report.policies = PolicyReport()

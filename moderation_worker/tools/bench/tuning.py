@@ -19,13 +19,11 @@ from moderation_worker.model.prompts import EncodedBatch, PromptEncoder, PromptS
 from moderation_worker.model.scoring import LabelTokenScorer
 from moderation_worker.tools.bench.flops import FlopCount, timed
 from moderation_worker.tools.bench.options import (
-    LENGTH_BUCKETS,
     BenchEdges,
     BenchOptions,
     ModelLoader,
     log,
 )
-from moderation_worker.tools.bench.prefix_cache import PrefixCachedScorer
 from moderation_worker.tools.bench.scoring import build_backbone_copy, time_label_head
 
 
@@ -68,8 +66,12 @@ def measure_tuning(
         seconds = timed(lambda: scorer.logits(batch), options.repeats)
         return b / statistics.median(seconds), scorer.probabilities(batch)
 
-    def head(backbone: Any, jit: bool | str) -> LabelTokenScorer:
-        return LabelTokenScorer(backbone, encoder.label_ids, jit)
+    def head(backbone: Any, jit: bool | str, prefix: bool = False) -> LabelTokenScorer:
+        ids = encoder.head_ids if prefix else None
+        scorer = LabelTokenScorer(backbone, encoder.label_ids, jit, prefix_ids=ids)
+        if scorer.prefix is not None:
+            scorer.prefix.refresh()  # zero-shot: the backbone's own weights
+        return scorer
 
     # XLA: Keras' "auto" is off on a CPU-only TF; compare with forcing it on.
     log(f"tuning: XLA off ('auto' on CPU) vs on, batch {b}")
@@ -106,10 +108,10 @@ def measure_tuning(
         )
     del bf16
 
-    # Shared prompt prefix: the prototype with the head's keys/values cached, fixed 128.
+    # Shared prompt prefix: the worker's path with the head's keys/values cached, fixed 128.
     for jit, reference, name in (("auto", base, "XLA off"), (True, xla, "XLA on")):
-        log(f"tuning: shared-prefix KV cache (prototype), {name}, batch {b}")
-        rate, p = fixed(PrefixCachedScorer(model.backbone, encoder, jit))
+        log(f"tuning: shared-prefix KV cache, {name}, batch {b}")
+        rate, p = fixed(head(model.backbone, jit, prefix=True))
         rows.append(
             TuningRow(
                 "shared prompt prefix",
@@ -122,61 +124,7 @@ def measure_tuning(
             )
         )
 
-    # Length buckets on real comment lengths: whole passes over the same comments.
-    real = list(texts[: options.bucket_texts])
-    lengths = np.array([len(encoder.encode_ids(t)[0]) for t in real])
-    fixed_only = (encoder.settings.sequence_length,)
-    bucketed = (*LENGTH_BUCKETS, encoder.settings.sequence_length)
-    for batch_size in options.bucket_batches:
-        runs: dict[str, tuple[Any, Sequence[int]]] = {
-            "fixed 128, XLA off": (head(model.backbone, "auto"), fixed_only),
-            f"length_buckets={LENGTH_BUCKETS}, XLA off": (head(model.backbone, "auto"), bucketed),
-        }
-        if batch_size == b:
-            runs["buckets + prefix cache, XLA off"] = (
-                PrefixCachedScorer(model.backbone, encoder, "auto"),
-                bucketed,
-            )
-            runs["fixed 128, XLA on"] = (head(model.backbone, True), fixed_only)
-            runs["buckets, XLA on"] = (head(model.backbone, True), bucketed)
-            runs["buckets + prefix cache, XLA on"] = (
-                PrefixCachedScorer(model.backbone, encoder, True),
-                bucketed,
-            )
-        results = {}
-        for name, (scorer, buckets) in runs.items():
-            log(f"tuning: {name}, batch {batch_size}, {len(real)} comments")
-            warm_buckets(scorer, encoder, batch_size, buckets)
-
-            def one_pass(
-                scorer: Any = scorer, buckets: Sequence[int] = buckets, size: int = batch_size
-            ) -> np.ndarray:
-                return score_pass(scorer, encoder, real, size, buckets)
-
-            seconds = timed(one_pass, max(1, options.repeats - 1), 0)
-            results[name] = (len(real) / statistics.median(seconds), one_pass())
-        names = list(results)
-        base_pass, p_fixed = results[names[0]]
-        rows.append(
-            TuningRow(
-                "length buckets",
-                names[0],
-                batch_size,
-                base_pass,
-                None,
-                f"{len(real)} ETHOS prompts: p50 {np.percentile(lengths, 50):.0f}, p90 "
-                f"{np.percentile(lengths, 90):.0f} tokens",
-            )
-        )
-        use = bucket_use(encoder, real, batch_size, bucketed)
-        for name in names[1:]:
-            dp = np.abs(results[name][1] - p_fixed).max()
-            note = f"max abs dp {dp:.1e}"
-            if "uckets" in name:
-                note = f"batches per bucket {use}; " + note
-            rows.append(
-                TuningRow("length buckets", name, batch_size, results[name][0], base_pass, note)
-            )
+    # Length buckets and length-aware batching: the "length" section (`length_batching`).
     return rows
 
 
