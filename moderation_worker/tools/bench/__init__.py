@@ -8,9 +8,10 @@ One run, one model, one table (BENCHMARKS.md; a `--quick` run writes a temporary
    (`LabelTokenScorer`, what the worker runs). FLOPs per comment are counted from the backbone
    config (`count_flops`) and set against this machine's own measured matmul peak, so the table
    says how far each path is from the physical bound, not just from the others.
-2. Tuning knobs measured before/after on the same machine: XLA, dtype, length buckets on real
-   comment lengths, TF thread pools (in child processes: they are fixed at TF start), and the
-   share of work a cached shared prompt prefix would save.
+2. Tuning knobs measured before/after on the same machine: XLA, dtype, the shared-prefix KV
+   cache, TF thread pools (in child processes: they are fixed at TF start); and `length`:
+   length queues and the prefix cache through the worker's own batching on a stream of ETHOS
+   and of tweet-length comments at batch 8, 32, 64 (`length_batching`).
 3. The stream pipeline (broker, Faust, codecs, batching) with a trivial and the real scorer,
    through the adapters' `measure_pipeline`, when the caller provides it.
 4. Several classifiers on one backbone: per-row LoRA (`ClassifierSet`) against swap-and-rerun
@@ -18,7 +19,9 @@ One run, one model, one table (BENCHMARKS.md; a `--quick` run writes a temporary
    and the memory an extra classifier costs.
 5. `peer`: llama.cpp (llama-cpp-python, the `peer` extra) on the same GGUF, prompt token ids
    and texts as the worker's `AgileClassifier`, one prompt per call and packed, as a ratio.
-6. `gpu` (only when named; `scripts/gpu-bench.sh` runs it under JAX): Gemma 3 270M and a Gemma
+6. `coldstart`: the real worker process started before/first/second (`tools/cold_start`):
+   every phase to `/health` ready and the first verdict, CPU seconds, resident memory.
+7. `gpu` (only when named; `scripts/gpu-bench.sh` runs it under JAX): Gemma 3 270M and a Gemma
    2B-sized random-weight model at batch 8-256, bf16 and float32, TFLOP/s against the card's
    dense peak; on a CPU it says its figures are the CPU's.
 
@@ -32,11 +35,12 @@ The parts, by role:
     flops         FLOP accounting, the matmul peak, the timer
     scoring       paths (a), (b), (c)
     length_batching  length queues and the prefix cache through the worker's own batching
-    tuning        XLA, dtype, prefix cache, length buckets, thread pools (`run_child`)
+    tuning        XLA, dtype, prefix cache, thread pools (`run_child`)
     pipeline      broker + Faust + codecs + batching, trivial vs real scorer
     policies      1, 2, 4 classifiers: per-row LoRA vs swap-and-rerun, memory per classifier
     peer          llama.cpp on the same GGUF and prompts (`LlamaCppLabelScorer`)
     gpu           the GPU sweep and the known cards' peaks
+    coldstart     worker starts, phase by phase
     machine       CPU, accelerator, backend, versions, competing load
     report        `BenchReport` and its markdown
     runner        `run_bench`
