@@ -207,7 +207,8 @@ def worker_classifier(
     """Our side: the worker's `AgileClassifier`, zero-shot (llama.cpp has no LoRA here), with
     every shape compiled (its canary texts), and its description for the table."""
     clf = AgileClassifier(model, batch_size=batch_size, length_buckets=buckets)
-    clf.p_positive(clf.canary_texts())
+    for text in clf.canary_texts():  # one call per shape: together they ran at the longest
+        clf.p_positive([text])
     prefix = "on" if getattr(clf.scorer, "prefix", None) is not None else "off"
     label = (
         f"ours: the worker's batching (length queues) + `AgileClassifier` batch {batch_size}, "
@@ -228,8 +229,10 @@ def measure_peer(
 ) -> PeerReport:
     """Our worker path and llama.cpp (one prompt per call, then packed) on the same texts.
 
-    The texts are cut into `rounds` chunks and the three paths take turns on each, so a change
-    in the other jobs' load on a shared machine hits every path alike.
+    Ours runs first, on the whole stream, before llama.cpp creates its threads: they spin
+    (OpenMP) after each call and took our cores when the paths took turns (ours measured at a
+    third of its own rate). The two llama.cpp modes then take turns on `rounds` chunks, so a
+    change in other jobs' load hits both alike.
     """
     ll = load_llama_cpp()
     if ll is None:
@@ -251,6 +254,7 @@ def measure_peer(
         return np.asarray(seen.p_in_order(len(chunk)), dtype=np.float32)
 
     paths = [_Path(label, ours_score)]
+    paths[0].run(texts, prompts)  # the whole stream, as the worker would see it
     modes = ((1, "one prompt per call"), (batch_size, f"{batch_size} prompts packed"))
     names = [f"llama.cpp {ll.__version__}: {mode}, {threads} threads" for _, mode in modes]
     # One model load and one context for both modes: a prompt alone in it gets the same
@@ -270,7 +274,7 @@ def measure_peer(
     step = max(batch_size, -(-len(texts) // rounds // batch_size) * batch_size)
     try:
         for start in range(0, len(texts), step):
-            for path in paths:
+            for path in paths[1:]:
                 path.run(texts[start : start + step], prompts[start : start + step])
     finally:
         if scorer is not None:
@@ -300,10 +304,11 @@ def peer_section(report: PeerReport) -> list[str]:
         "llama.cpp computes with the GGUF's q4_K/q6_K weights and quantized activations; ours "
         "with the same weights dequantized to float32. Packed: one `llama_batch` of "
         f"{report.pack} sequences (distinct seq_ids, one KV cache masked per sequence, logits "
-        "only at each last token). After a warm-up, the paths take turns on a quarter of the "
-        "texts at a time, so other jobs' load hits each alike; ours includes tokenization. "
-        "llama.cpp's threads wait for each other by spinning (OpenMP), so it loses far more "
-        "than ours when another job takes a core: trust the ratio from an unloaded run.",
+        "only at each last token). Ours runs first on the whole stream (the worker's length "
+        "queues and prefix cache, tokenization included), before llama.cpp starts its threads: "
+        "they spin after each call (OpenMP) and take a core from whatever runs next. The two "
+        "llama.cpp modes then take turns on a quarter of the texts at a time. Trust the ratio "
+        "from an unloaded run.",
         "",
         "| Path | comments/s | ours / this | max abs Δp vs ours | decisions at 0.5 agree |",
         "|---|---:|---:|---:|---:|",
