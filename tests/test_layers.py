@@ -18,7 +18,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 RANK = {"core": 0, "model": 1, "loop": 2, "edges": 3, "tools": 4}
 MAX_FILE_LINES = 400
-MAX_CORE_LINES = 3_000
+#: Raised from 3,000 for issue 13: length queues (`BucketedBatcher`) and per-partition ordered
+#: acknowledgements (`ordered_acks`) are at-least-once rules, so they belong in the core.
+MAX_CORE_LINES = 3_100
 #: The core must not reach the broker or the framework; the edges own them.
 CORE_FORBIDDEN = ("faust", "aiokafka", "mode", "keras", "tensorflow", "jax", "torch", "subprocess")
 
