@@ -256,7 +256,8 @@ class BucketedBatcher(Generic[H]):
     def __len__(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
-    def _queue(self, bucket: int | None) -> Batcher[H]:
+    def _queue(self, bucket: int | None) -> tuple[int | None, Batcher[H]]:
+        """The queue an event of `bucket` joins, and that queue's bucket."""
         if bucket is None:  # no model row: join the shortest queue with something open
             open_ = sorted(b for b, q in self._queues.items() if len(q) and b is not None)
             bucket = open_[0] if open_ else None
@@ -265,19 +266,15 @@ class BucketedBatcher(Generic[H]):
             queue = self._queues[bucket] = Batcher(
                 self.batch_size, self.max_wait_s, self._max_events
             )
-        return queue
+        return bucket, queue
 
     def add(self, event: InputEvent[H], now: float) -> Batch[H] | None:
         """Add one event to its length queue; return that queue's batch if it filled."""
-        bucket = self.bucket_of(event) if event.scorable else None
-        queue = self._queue(bucket)
+        bucket, queue = self._queue(self.bucket_of(event) if event.scorable else None)
         full = queue.add(event, now)
         if full is not None:
-            full.bucket = self._bucket_of_queue(queue)
+            full.bucket = bucket
         return full
-
-    def _bucket_of_queue(self, queue: Batcher[H]) -> int | None:
-        return next(b for b, q in self._queues.items() if q is queue)
 
     def deadline(self) -> float | None:
         """The earliest deadline of any open queue."""
