@@ -160,7 +160,10 @@ class BatchProcessor:
         length_of = getattr(self.model, "length_bucket", None)
         if event.comment is None or length_of is None:
             return None
-        return int(length_of(event.comment.text))
+        try:
+            return int(length_of(event.comment.text))
+        except Exception:  # a text the tokenizer chokes on: the batch step dead-letters it
+            return None
 
     def _sync_adapters(self, state: PolicyState) -> None:
         """Adapter overrides from the control topic, applied at this batch boundary (a model

@@ -238,3 +238,26 @@ async def test_the_real_tiny_gemma_scores_exactly_the_same_through_length_queues
     expected = clf.p_positive(texts * 3)
     got = {o.verdict.id: o.verdict.results[0].p for o in sink.published}
     np.testing.assert_allclose([got[f"c{i}"] for i in range(len(events))], expected, atol=1e-6)
+
+
+class ChokingScorer(BucketedScorer):
+    """Its length lookup raises on one text, as a tokenizer might on hostile input."""
+
+    def length_bucket(self, text: str) -> int:
+        if "CHOKE" in text:
+            raise UnicodeError("tokenizer choked")
+        return super().length_bucket(text)
+
+
+async def test_a_text_whose_length_cannot_be_read_still_gets_its_outcome() -> None:
+    events = [event(0, words=3), event(1, words=2), event(2, words=20), event(3, words=1)]
+    events[1] = admit(
+        orjson.dumps({"id": "c1", "text": "CHOKE me"}),
+        key=None,
+        source=SourcePosition("comments", 0, 1),
+        handle=(0, 1),
+        received_at=0.0,
+    )
+    _, sink, acked = await run_pipeline(ChokingScorer(), events)
+    assert [e.source.offset for e in acked] == [0, 1, 2, 3]
+    assert {o.event.source.offset for o in sink.published} == {0, 1, 2, 3}
